@@ -1,0 +1,329 @@
+"""Test-time training (TTT) drivers and the score-before-update checker.
+
+`score_first_ttt` is the legal procedure of PR #549 (after PR #461; pg_mechanics.md §4.5.2):
+the sliding windows are grouped into chunks of `ttt.chunk_tokens` targets (a window belongs
+to the chunk holding its first scored target); for each chunk in order, its windows are
+SCORED first (eval mode, inference mode), and only then, except for the last chunk, the model
+trains on that chunk's tokens. Every token is scored once, before any update has seen it
+(issue #1017's conditions 3 and 4). Weights and optimizer state carry over between chunks.
+
+`pre_score_full_val_ttt` reproduces PR #684's published procedure, which is NOT legal (see its
+docstring). It exists only so that PR's number can be reproduced and labelled.
+
+Both drivers mutate `model` in place (pass a copy to keep the original) and train with plain
+cross-entropy on `model(ids)` logits, the quantity that is scored. If `events` is a list they
+append ("score", chunk, first_target, last_target) and ("update", chunk_or_epoch, first_token,
+last_token) records (stream positions, inclusive; ranges are global over ranks), and
+`check_score_before_update(events)` lists every violation of score-before-update.
+
+Usage:
+    events = []
+    res = score_first_ttt(model, val_tokens, tables, recipe.eval, recipe.ttt, device,
+                          events=events)
+    assert not check_score_before_update(events)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eval.byte_tables import ByteTables
+from eval.scorer import (EMPTY_RESULT, EvalResult, all_reduce_result, evaluate,
+                         model_autocast, prepare_stream, score_tokens)
+from eval.windows import contiguous_share, nonoverlap_windows, sliding_windows
+from pipeline.config import EvalConfig, TTTConfig
+from pipeline.errors import UserError
+
+
+def chunk_lr(chunk: int, num_chunks: int, lr: float, min_lr: float) -> float:
+    """PR #549's per-chunk cosine: min_lr + (lr - min_lr) * (1 + cos(pi * c / (C - 1))) / 2."""
+    frac = chunk / max(num_chunks - 1, 1)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def pr684_lr(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: int, lr: float,
+             min_lr: float) -> float:
+    """PR #684's TTT learning rate at optimizer step `step` (0-based, as its LambdaLR):
+    linear warm-up max(0.1, step / warmup_steps) over warmup_epochs epochs, then a cosine from
+    lr down to min_lr over the remaining steps."""
+    total = steps_per_epoch * epochs
+    warmup = steps_per_epoch * warmup_epochs
+    if step < warmup:
+        return lr * max(0.1, step / warmup)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_score_before_update(events) -> list[str]:
+    """Every violation of score-first ordering in an event log ([] = compliant).
+
+    An update may only touch stream positions already scored as targets by an earlier
+    "score" event (position 0, the leading BOS, is never a target and is always allowed as
+    context). A "score" event that re-scores an already scored position is also reported
+    (each token is scored once, in one left-to-right pass)."""
+    scored: list[list[int]] = []  # merged, sorted, inclusive intervals
+    problems = []
+    for kind, tag, lo, hi in events:
+        if kind == "score":
+            if _overlap(scored, lo, hi):
+                problems.append(f"score {tag}: positions {lo}..{hi} include already scored ones")
+            scored = _merge(scored, lo, hi)
+        elif kind == "update":
+            gap = _first_uncovered(scored, max(lo, 1), hi)
+            if gap is not None:
+                problems.append(f"update {tag}: trains on positions {lo}..{hi}, but position "
+                                f"{gap} was not scored before it")
+        else:
+            raise ValueError(f"unknown event kind {kind!r}")
+    return problems
+
+
+def score_first_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConfig, ttt_cfg: TTTConfig,
+                    device, rank: int = 0, world_size: int = 1, progress=None,
+                    events=None) -> EvalResult:
+    """Legal score-first chunked TTT (PR #549). Returns the global EvalResult of the scores
+    committed chunk by chunk; `progress(done_chunks, num_chunks)`."""
+    _check_world(world_size)
+    if eval_cfg.mode == "pr298_all_positions":
+        raise UserError("score-first TTT needs each token scored once; eval.mode "
+                        "pr298_all_positions re-scores tokens. Use sliding or nonoverlap")
+    seq_len, chunk = eval_cfg.seq_len, ttt_cfg.chunk_tokens
+    if chunk < seq_len:
+        raise UserError(f"ttt.chunk_tokens ({chunk}) must be >= eval.seq_len ({seq_len}): "
+                        "TTT trains on whole sequences cut from each chunk")
+    tok = prepare_stream(tokens, tables, seq_len, device)
+    total = tok.numel() - 1  # targets
+    if eval_cfg.mode == "sliding":
+        windows = sliding_windows(tok.numel(), seq_len, eval_cfg.stride)
+    else:
+        windows = nonoverlap_windows(tok.numel(), seq_len)
+    num_chunks = -(-total // chunk)
+    # Windows are sorted by first target, so chunk ids are non-decreasing: each chunk's
+    # windows are one contiguous slice of the list.
+    chunk_of = np.minimum((windows.first_targets - 1) // chunk, num_chunks - 1)
+    bounds = np.searchsorted(chunk_of, np.arange(num_chunks + 1), side="left")
+
+    params, restore = _trainable(model, ttt_cfg.freeze_blocks)
+    opt = _make_optimizer(params, ttt_cfg)
+    result = EMPTY_RESULT
+    try:
+        for c in range(num_chunks):
+            cw = windows[bounds[c]:bounds[c + 1]]
+            # Score first: the scores of chunk c are committed before any update sees it.
+            result = result + score_tokens(model, tok, tables, cw.split(rank, world_size),
+                                           device, eval_cfg.batch_seqs)
+            if events is not None and len(cw):
+                events.append(("score", c, int(cw.first_targets[0]), int(cw.last_targets[-1])))
+            # Train on the chunk just scored. Only the last chunk can lack windows of its own
+            # (chunk_tokens >= seq_len >= stride), and the last chunk is never trained on.
+            nseq = (min((c + 1) * chunk, total) - c * chunk) // seq_len
+            if c < num_chunks - 1 and ttt_cfg.epochs > 0 and nseq > 0:
+                lr = chunk_lr(c, num_chunks, ttt_cfg.lr, ttt_cfg.min_lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                first = c * chunk  # stream position of the chunk's first input token
+                for _ in range(ttt_cfg.epochs):
+                    _train_pass(model, params, opt, tok, first, nseq, seq_len, ttt_cfg,
+                                rank, world_size, lr_at=None)
+                if events is not None:
+                    events.append(("update", c, first, first + nseq * seq_len))
+            if progress is not None:
+                progress(c + 1, num_chunks)
+    finally:
+        restore()
+        model.eval()
+    return all_reduce_result(result, device)
+
+
+def pre_score_full_val_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConfig,
+                           ttt_cfg: TTTConfig, device, rank: int = 0, world_size: int = 1,
+                           progress=None, events=None) -> EvalResult:
+    """NON-COMPLIANT. PR #684's train-then-score TTT, reproduced only to check its number.
+
+    !!! This TRAINS ON THE VALIDATION TOKENS BEFORE SCORING THEM: `ttt.epochs` passes of
+    AdamW over the whole validation stream, then `evaluate`. It breaks the challenge rule
+    (only already-scored tokens may be trained on; issues #402/#677/#1017, ruling #568) and
+    mostly measures memorisation of the validation set. Callers MUST mark the result
+    non-compliant (ttt_compliant = false); `submit` refuses it. It also emits a
+    RuntimeWarning saying so. !!!
+
+    Procedure (seed_prs.md §3.5, PR #684's `ttt_adapt`): the (N-1)//seq_len whole sequences
+    of the truncated stream are split contiguously over ranks; each epoch walks this rank's
+    sequences in micro-batches of `ttt.batch_seqs`; AdamW (betas ttt.beta1/beta2, weight decay
+    ttt.weight_decay), learning rate `pr684_lr` per step, gradient-norm clip ttt.grad_clip,
+    gradients averaged over ranks. `progress(done_steps, total_steps)` during training.
+    """
+    _check_world(world_size)
+    warnings.warn("pre_score_full_val TTT trains on validation tokens before scoring them "
+                  "(PR #684): the result is NOT compliant", RuntimeWarning, stacklevel=2)
+    seq_len = eval_cfg.seq_len
+    tok = prepare_stream(tokens, tables, seq_len, device)
+    total_seqs = (tok.numel() - 1) // seq_len
+    params, restore = _trainable(model, ttt_cfg.freeze_blocks)
+    opt = torch.optim.AdamW(params, lr=ttt_cfg.lr, betas=(ttt_cfg.beta1, ttt_cfg.beta2),
+                            weight_decay=ttt_cfg.weight_decay)
+    steps_per_epoch = _steps_per_epoch(total_seqs, ttt_cfg.batch_seqs, world_size)
+    total_steps = steps_per_epoch * ttt_cfg.epochs
+
+    def lr_at(step):
+        return pr684_lr(step, steps_per_epoch, ttt_cfg.epochs, ttt_cfg.warmup_epochs,
+                        ttt_cfg.lr, ttt_cfg.min_lr)
+
+    try:
+        for epoch in range(ttt_cfg.epochs):
+            _train_pass(model, params, opt, tok, 0, total_seqs, seq_len, ttt_cfg, rank,
+                        world_size, lr_at=lr_at, step0=epoch * steps_per_epoch)
+            if events is not None:
+                events.append(("update", epoch, 0, total_seqs * seq_len))
+            if progress is not None:
+                progress((epoch + 1) * steps_per_epoch, total_steps)
+    finally:
+        restore()
+        model.eval()
+    result = evaluate(model, tok, tables, eval_cfg, device, rank, world_size)
+    if events is not None:
+        events.append(("score", 0, 1, tok.numel() - 1))
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# training internals
+
+
+def _steps_per_epoch(nseq: int, batch_seqs: int, world_size: int) -> int:
+    """Micro-steps per epoch: enough for the largest rank share, the same on every rank so
+    that the gradient all-reduces pair up."""
+    if batch_seqs < 1:
+        raise UserError(f"ttt.batch_seqs must be >= 1, got {batch_seqs}")
+    largest_share = -(-nseq // world_size)
+    return max(1, -(-largest_share // batch_seqs))
+
+
+def _train_pass(model, params, opt, tok, first, nseq, seq_len, cfg: TTTConfig, rank,
+                world_size, lr_at=None, step0=0):
+    """One epoch over sequences [first + i*seq_len, first + (i+1)*seq_len] (inputs and the
+    shifted targets), i < nseq, this rank taking its contiguous share in micro-batches.
+    `lr_at(step)` sets a per-step learning rate (global step = step0 + k)."""
+    s0, s1 = contiguous_share(nseq, rank, world_size)
+    steps = _steps_per_epoch(nseq, cfg.batch_seqs, world_size)
+    model.train()
+    offs = torch.arange(seq_len + 1, device=tok.device)
+    for k in range(steps):
+        lo = min(s0 + k * cfg.batch_seqs, s1)
+        hi = min(lo + cfg.batch_seqs, s1)
+        if lr_at is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step0 + k)
+        opt.zero_grad(set_to_none=True)
+        if hi > lo:
+            starts = first + torch.arange(lo, hi, device=tok.device) * seq_len
+            seqs = tok[starts[:, None] + offs[None, :]]
+            with model_autocast(tok.device):
+                logits = model(seqs[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                   seqs[:, 1:].reshape(-1))
+            loss.backward()
+        if world_size > 1:
+            _average_grads(params, hi - lo, _step_total(nseq, k, cfg.batch_seqs, world_size))
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+
+
+def _step_total(nseq, k, batch_seqs, world_size) -> int:
+    """Sequences all ranks together use in micro-step k."""
+    n = 0
+    for r in range(world_size):
+        s0, s1 = contiguous_share(nseq, r, world_size)
+        lo = min(s0 + k * batch_seqs, s1)
+        n += min(lo + batch_seqs, s1) - lo
+    return n
+
+
+def _average_grads(params, n_local, n_total):
+    """Mean gradient over every sequence of the step on all ranks: weight each rank's mean by
+    its sequence count, so uneven shares (or an empty one) still give the exact global mean.
+    PR #549/#684 use an unweighted average, equal whenever the shares are equal."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.mul_(n_local / max(n_total, 1))
+        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+
+
+def _trainable(model, freeze_blocks: int):
+    """Parameters to adapt (all but those of the first `freeze_blocks` blocks, PR #461) and a
+    function that restores every requires_grad flag as it was."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    frozen = set()
+    if freeze_blocks > 0:
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or freeze_blocks > len(blocks):
+            have = "no .blocks" if blocks is None else f"{len(blocks)} blocks"
+            raise UserError(f"ttt.freeze_blocks={freeze_blocks} but the model has {have}")
+        for block in list(blocks)[:freeze_blocks]:
+            frozen.update(id(p) for p in block.parameters())
+    params = []
+    for p in model.parameters():
+        keep = id(p) not in frozen
+        p.requires_grad_(keep)
+        if keep:
+            params.append(p)
+    if not params:
+        raise UserError("ttt.freeze_blocks leaves no parameter to train")
+
+    def restore():
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+    return params, restore
+
+
+def _make_optimizer(params, cfg: TTTConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                 weight_decay=cfg.weight_decay)
+    raise UserError(f"ttt.optimizer must be sgd or adamw, got {cfg.optimizer!r}")
+
+
+def _check_world(world_size: int) -> None:
+    dist = torch.distributed
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise UserError(f"TTT with world_size={world_size} needs torch.distributed initialised "
+                        "(launch with torchrun), or every rank would adapt differently")
+
+
+# --------------------------------------------------------------------------------------
+# interval helpers for the checker
+
+
+def _merge(intervals, lo, hi):
+    out = []
+    for a, b in sorted(intervals + [[lo, hi]]):
+        if out and a <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _overlap(intervals, lo, hi) -> bool:
+    return any(a <= hi and lo <= b for a, b in intervals)
+
+
+def _first_uncovered(intervals, lo, hi):
+    """Smallest position in [lo, hi] not inside `intervals` (merged, sorted), or None."""
+    pos = lo
+    for a, b in intervals:
+        if a > pos:
+            break
+        pos = max(pos, b + 1)
+    return pos if pos <= hi else None

@@ -1,0 +1,365 @@
+"""The typed, frozen configuration of a pgolf run.
+
+These are plain standard-library dataclasses so that the generated, self-contained
+`train_gpt.py` (which may only import torch, numpy, sentencepiece and zstandard) can use
+them. Strict validation of YAML into these classes (unknown keys, wrong types, did-you-mean)
+lives in `pipeline.recipe`, which is the only module that needs pydantic.
+
+Every field carries a comment saying what it is and, where it matters, why the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+# --------------------------------------------------------------------------------------
+# data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Directory produced by `pgolf data prepare` (shards + tokenizer.model). None means the
+    # embedded corpus, which `make run` builds at set-up (see pipeline.data.corpus).
+    dir: Optional[str] = None
+    # Cap on validation tokens scored (0 = the whole split). Only for quick CPU runs; a
+    # submission must score everything, and `submit` refuses a non-zero value.
+    max_val_tokens: int = 0
+
+
+# --------------------------------------------------------------------------------------
+# model
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    base: float = 10000.0
+    # Rotary dims per head (0 = the whole head). PR #315's partial RoPE uses 16 of 64.
+    dims: int = 0
+    # If > 0 and the sequence is longer than this, the base is NTK-rescaled:
+    # base * (T / train_seq_len) ** (dims / (dims - 2)). PR #684 hard-codes 1024 while
+    # training at 2048, so its rescale is active in training and eval alike.
+    ntk_train_seq_len: int = 0
+
+
+@dataclass(frozen=True)
+class BigramConfig:
+    """BigramHash embedding (PR #65 lineage; #684 uses 2048 x 96)."""
+
+    buckets: int = 2048
+    dim: int = 96
+    scale_init: float = 0.05
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """PR #555/#684 SharedSparseSidecar: one small gated causal-conv module shared by sites."""
+
+    hidden: int = 48
+    layers: tuple[int, ...] = (8, 9, 10)
+    kernel: int = 3
+
+
+@dataclass(frozen=True)
+class RecurrentConfig:
+    """PR #298's depth-recurrent trunk (3 unique blocks x 3 passes) and its extras."""
+
+    unique_layers: int = 3
+    passes: int = 3
+    k_rank: int = 32  # low-rank key projection D -> r -> kv_dim
+    td_rank: int = 16  # temporal-difference low-rank path
+    gru_rank: int = 16  # selective-state GRU low-rank gates
+    value_embeds: bool = True  # second, zero-initialised input table
+    spectral_embed_init: bool = True  # tok_emb ~ N(0, (0.1/sqrt(D))^2)
+    resonant_pe: bool = True
+    selective_state: bool = True
+    confidence: bool = True
+    grad_memory: bool = True
+    temporal_difference: bool = True
+    td_loss_weight: float = 0.001
+    exit_gate: bool = True
+    exit_gate_bias_init: float = 2.0
+    exit_gate_loss_weight: float = 0.005
+    # Thermodynamic entropy term: loss += weight * (-T(k) * mean entropy), T(k)=t0*exp(-k/tau).
+    thermo: bool = True
+    thermo_weight: float = 0.05
+    thermo_t0: float = 0.5
+    thermo_tau: float = 5000.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # The trunk: unet_gpt (baseline / #684 family) or depth_recurrent (#298).
+    trunk: str = "unet_gpt"
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0
+    # Parts, resolved by pipeline.model.registry.
+    attention: str = "causal"
+    mlp: str = "relu2"
+    residual: str = "standard"
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    # U-Net skips: the first num_layers // 2 blocks feed the last ones, LIFO.
+    unet_skips: bool = True
+    # resid_mix: x <- m0*x + m1*x0 per block, init (1, 0) (baseline).
+    resid_mix: bool = True
+    # PR #684 attention extras and embedding extras.
+    ln_scale: bool = False  # norm output scaled by 1/sqrt(layer+1) (PR #315)
+    kv_shift_mix: bool = False  # k_t += kappa_h k_{t-1}; v_t += nu_h v_{t-1}
+    k_gain: bool = False  # per-KV-head gain on keys after RoPE
+    local_v_mix: bool = False  # y_h += lambda_h v_t (own value)
+    smear_gate: bool = False  # static per-channel blend with the previous position
+    bigram: Optional[BigramConfig] = None
+    sidecar: Optional[SidecarConfig] = None
+    # Weight init: "default" (PyTorch + zero-init output projections) or "orthogonal"
+    # (#684: orthogonal for >=64x64 linears, .proj scaled by 1/sqrt(2L)).
+    init: str = "default"
+    # PR #298 trunk options (used when trunk == depth_recurrent).
+    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
+    # PR #298's published Selective State is a mean over *all* positions: a future leak.
+    # Off = causal prefix mean. On = reproduce the leak; every report marks the run non-causal.
+    leaky_selective_state: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# training
+
+
+@dataclass(frozen=True)
+class CoprimeLoaderConfig:
+    """PR #684's memory-mapped, coprime-stride, adaptive-mixing loader (seed_prs.md §3.3)."""
+
+    mix_warmup_batches: int = 1800
+    alpha_start: float = 0.9
+    alpha_end: float = 0.5
+    queue_depth: int = 8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seq_len: int = 1024
+    # Global tokens per optimizer step, summed over ranks and accumulation micro-steps.
+    batch_tokens: int = 524_288
+    # Gradient accumulation = reference_world_size // world_size, so one process follows
+    # the same trajectory as the reference multi-GPU run (modded-nanogpt's rule).
+    reference_world_size: int = 8
+    max_steps: int = 20_000
+    # Wall-clock cap on training (0 = none). Validation and priming are not timed.
+    max_wallclock_s: float = 0.0
+    # Linear LR warm-down to 0 over the last warmdown_steps steps. With warmdown_by=time the
+    # length is warmdown_steps x (average step time) before the wall-clock cap (baseline rule).
+    warmdown_steps: int = 1200
+    warmdown_by: Literal["steps", "time"] = "steps"
+    # Compile-priming steps run before the clock; model, optimizer and loader are then reset.
+    prime_steps: int = 0
+    grad_clip: float = 0.0  # global-norm clip (0 = off)
+    nan_to_num_grads: bool = False  # PR #298 passes every gradient through nan_to_num
+    loader: Literal["sequential", "coprime"] = "sequential"
+    coprime: CoprimeLoaderConfig = field(default_factory=CoprimeLoaderConfig)
+    log_every: int = 50
+    # Non-overlapping validation every N steps (0 = only at the end). Not timed.
+    val_every: int = 0
+    checkpoint_every: int = 200
+    compile: Literal["auto", "on", "off"] = "auto"  # auto = on with CUDA only
+
+
+@dataclass(frozen=True)
+class GradConditioningConfig:
+    """lof310's gradient conditioning g <- s*g + b per tensor (seed_components.md §2.2).
+
+    The defaults are the identity (a bitwise no-op)."""
+
+    scale: float = 1.0
+    bias: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    # Muon for 2-D block matrices.
+    matrix_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_ns_steps: int = 5
+    muon_wd: float = 0.0  # decoupled: p <- p * (1 - lr * wd)
+    # Adam(W) for embeddings, the untied head and scalars/control tensors.
+    embed_lr: float = 0.05  # tied embedding (and other embedding tables)
+    head_lr: float = 0.008  # untied output head
+    scalar_lr: float = 0.04
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.0  # > 0 makes it AdamW (decoupled)
+    grad_conditioning: GradConditioningConfig = field(default_factory=GradConditioningConfig)
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    enabled: bool = True
+    decay: float = 0.997
+
+
+# --------------------------------------------------------------------------------------
+# export
+
+
+QuantScheme = Literal["int6", "int8", "fp16", "fp32"]
+
+
+@dataclass(frozen=True)
+class QuantRule:
+    """One row of the quantization plan; the first matching rule wins."""
+
+    scheme: QuantScheme
+    pattern: str = ".*"  # regular expression searched in the tensor name
+    max_numel: int = 0  # rule applies only to tensors with at most this many elements (0 = any)
+    min_numel: int = 0  # ... and at least this many
+    # Per-row clip at this percentile of |w| (int8/int6 only); None = row max.
+    clip_percentile: Optional[float] = None
+    # Lower bound of the per-row scale (int8/int6 only). None = fp16's smallest normal. The
+    # baseline and PR #684 floor at 1/127 (int8) and 1/31 (int6): rows with max|w| < 1 then
+    # get a coarse fixed step, which shapes both their bytes and their error.
+    scale_floor: Optional[float] = None
+
+
+# Control tensors stay fp32 and escape quantization (baseline CONTROL_TENSOR_NAME_PATTERNS,
+# extended by #684's attention scalars). Also the optimizer's "scalar" routing list.
+CONTROL_PATTERN = (
+    r"(attn_scale|mlp_scale|resid_mix|q_gain|k_gain|skip_weight|k_shift|v_shift|local_v_mix"
+    r"|smear|site_scale|bigram\.scale|control\.|resonant|exit_gate|alpha_td|gru_gate|conf_vec"
+    r"|mem_vec|ortho_|evolution_weights|elita_pos)"
+)
+
+
+def _default_quant_rules() -> tuple[QuantRule, ...]:
+    # PR #684's "mixed int6": fp32 control, fp16 small tensors, int6 attention/MLP matrices,
+    # int8 (99.99984th percentile clip) for the remaining large tensors.
+    return (
+        QuantRule(scheme="fp32", pattern=CONTROL_PATTERN),
+        QuantRule(scheme="fp16", max_numel=65_536),
+        QuantRule(scheme="int6", pattern=r"\.(attn|mlp)\."),
+        QuantRule(scheme="int8", clip_percentile=99.99984),
+    )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    rules: tuple[QuantRule, ...] = field(default_factory=_default_quant_rules)
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    compressor: Literal["zstd", "zlib"] = "zstd"
+    level: int = 22
+    cap_bytes: int = 16_000_000  # decimal, code + model
+
+
+# --------------------------------------------------------------------------------------
+# evaluation and TTT
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seq_len: int = 1024
+    # sliding: each token scored once with >= seq_len - stride context (fixed tail rule).
+    # nonoverlap: baseline eval_val. pr298_all_positions: PR #298's mean over all positions
+    # of overlapping windows, kept only to reproduce its number.
+    mode: Literal["sliding", "nonoverlap", "pr298_all_positions"] = "sliding"
+    stride: int = 64
+    batch_seqs: int = 32
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    enabled: bool = False
+    # score_first: legal (PR #549). pre_score_full_val: PR #684's train-then-score, illegal,
+    # kept only to reproduce its number (ttt_compliant=false, submit refuses it).
+    mode: Literal["score_first", "pre_score_full_val"] = "score_first"
+    chunk_tokens: int = 32_768
+    epochs: int = 3
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.002
+    min_lr: float = 0.0
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    # LR schedule: cosine over chunks (score_first) or over steps (pre_score_full_val),
+    # after warmup_epochs of linear warm-up (pre_score_full_val only).
+    warmup_epochs: int = 0
+    grad_clip: float = 1.0
+    batch_seqs: int = 32
+    freeze_blocks: int = 0  # freeze the first N blocks (PR #461)
+
+
+# --------------------------------------------------------------------------------------
+# the recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    seed: int = 1337
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+
+def to_dict(obj) -> dict:
+    """A JSON-ready dict of any config dataclass (tuples become lists)."""
+    import dataclasses
+
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(obj)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config dataclass from `to_dict` output, without pydantic (for the submission
+    script, whose recipe was already validated when it was generated)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _from_value(hints[f.name], data[f.name])
+    return cls(**kwargs)
+
+
+def _from_value(tp, value):
+    import dataclasses
+    import typing
+
+    if value is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return _from_value(inner[0], value) if len(inner) == 1 else value
+    if origin is tuple:
+        return tuple(_from_value(args[0], v) for v in value) if args else tuple(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)
+    return value

@@ -1,0 +1,399 @@
+"""`pgolf data prepare`: turn a text or jsonl file into challenge-format shards + tokenizer.
+
+Split rules:
+* text  - nanoGPT shakespeare_char's: the first int(0.9 * n) *bytes* train, the rest val (the
+          cut moves forward to the next UTF-8 character boundary). Each split is one document,
+          `[BOS] + encode(split_text)`.
+* jsonl - the challenge exporter's: one JSON object with a "text" field per line; the first
+          `val_docs` documents (default max(1, 10%)) are val, the rest train; each document is
+          `[BOS] + encode(text)`.
+
+Without a tokenizer, a lossless BPE (see `tokenizer`) is trained on the *training split only*
+(so nothing about val leaks into it); with one, it is checked and copied in. The output
+directory holds `{prefix}_{train,val}_NNNNNN.bin`, `tokenizer.model` and `meta.json`.
+
+Atomicity: everything is built in a hidden sibling directory and renamed into place, so an
+interrupted prepare leaves the old output (or nothing) behind; only a crash in the instant
+between the two renames of a replacement leaves the old output in a hidden `.NAME.old-*`
+sibling instead. The jsonl path streams the file (a few passes, nothing held in memory but one
+shard buffer and the tokenizer's capped training text). An existing output directory is
+replaced only if it is empty or a previous prepare of the same source (same file name or same
+sha256); any other non-empty directory is refused with a UserError, so a typo in `--out`
+cannot delete unrelated files or a different dataset.
+
+Use:
+    meta = prepare_text(Path("input.txt"), Path("data/shakes_sp1024"), vocab_size=1024)
+    meta = prepare_jsonl(Path("docs.jsonl"), Path("data/docs"), val_docs=1000)
+    meta = ensure_prepared(out_dir, text_path=Path("input.txt"))   # no-op when up to date
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from pipeline.data.shards import ShardWriter, list_shards, read_header
+from pipeline.data.tokenizer import (
+    BOS_ID,
+    check_vocab,
+    is_lossless,
+    load_tokenizer,
+    train_tokenizer_docs,
+)
+from pipeline.errors import UserError
+
+DEFAULT_VOCAB = 1024
+TOKENIZER_FILE = "tokenizer.model"
+META_FILE = "meta.json"
+TRAIN_FRACTION = 0.9
+# SentencePiece holds its whole training text in memory (several times over); beyond this many
+# bytes of training text, more data barely changes a small vocabulary.
+TOKENIZER_MAX_TRAIN_BYTES = 200_000_000
+_ENCODE_BATCH_DOCS = 256
+# A single text longer than this is encoded in pieces cut just before a space (see _encode).
+_ENCODE_CHUNK_CHARS = 4_000_000
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _require_file(path: Path, flag: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"input file {path} not found; pass an existing file to `pgolf data prepare {flag}`.")
+    return path
+
+
+def text_split_point(data: bytes) -> int:
+    """Byte offset where val starts: int(0.9 * n), moved forward off UTF-8 continuation bytes."""
+    cut = int(len(data) * TRAIN_FRACTION)
+    while cut < len(data) and (data[cut] & 0xC0) == 0x80:
+        cut += 1
+    return cut
+
+
+def _encode(sp, text: str, lossless: bool) -> np.ndarray:
+    """`[BOS] + sp.encode(text)` as int32, without one huge Python list for huge texts."""
+    if not lossless or len(text) <= _ENCODE_CHUNK_CHARS:
+        return np.array([BOS_ID] + sp.encode(text), dtype=np.int32)
+    # Our tokenizer splits words before every space and normalizes nothing, so no piece spans
+    # a cut placed right before a space: chunked encoding equals whole-text encoding. (A lossy
+    # normalizer that trims whitespace would break that, hence the `lossless` guard.)
+    parts, start = [np.array([BOS_ID], dtype=np.int32)], 0
+    while start < len(text):
+        end = min(start + _ENCODE_CHUNK_CHARS, len(text))
+        if end < len(text):
+            # Cut before the first space of a run, so no run of spaces is split either. A text
+            # with no space in a whole chunk (rare) is cut where it is.
+            space = text.rfind(" ", start + 1, end)
+            while space > start and text[space - 1] == " ":
+                space -= 1
+            end = space if space > start else end
+        parts.append(np.array(sp.encode(text[start:end]), dtype=np.int32))
+        start = end
+    return np.concatenate(parts)
+
+
+def _install_tokenizer(stage: Path, tokenizer_path, vocab_size, train_docs: Callable[[], Iterator[str]]):
+    """Put tokenizer.model into `stage`; return (processor, meta fields)."""
+    dest = stage / TOKENIZER_FILE
+    if tokenizer_path is not None:
+        tokenizer_path = Path(tokenizer_path)
+        sp = load_tokenizer(tokenizer_path)
+        if vocab_size is not None:
+            check_vocab(sp, vocab_size, tokenizer_path)
+        shutil.copyfile(tokenizer_path, dest)
+        trained = False
+    else:
+        train_tokenizer_docs(train_docs(), vocab_size or DEFAULT_VOCAB, dest)
+        sp = load_tokenizer(dest)
+        trained = True
+    if sp.bos_id() != BOS_ID:
+        raise UserError(
+            f"tokenizer {tokenizer_path or dest} has bos id {sp.bos_id()}, but the shard format "
+            f"expects {BOS_ID} (pad 0 / bos 1 / eos 2 / unk 3); use a tokenizer trained with those ids."
+        )
+    info = {
+        "vocab_size": sp.vocab_size(),
+        "tokenizer": TOKENIZER_FILE,
+        "tokenizer_sha256": _sha256_file(dest),
+        "tokenizer_trained": trained,
+        "lossless": is_lossless(sp),
+    }
+    return sp, info
+
+
+def _capped(texts: Iterator[str], cap: int) -> Iterator[str]:
+    # Bounds the tokenizer's training text to about `cap` bytes (slicing by characters is
+    # close enough: it is a memory guard, not a contract).
+    used = 0
+    for t in texts:
+        if used >= cap:
+            return
+        t = t[: max(0, cap - used)]
+        used += len(t.encode("utf-8"))
+        yield t
+
+
+# --- staging and committing the output directory ----------------------------------------------
+
+
+def _read_meta(out_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(out_dir) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _build_into(out_dir: Path, source: Path, source_sha: str, build: Callable[[Path], dict]) -> dict:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output path {out_dir} is a file; pass a directory to `--out`.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        old = _read_meta(out_dir)
+        if old is None or (old.get("source") != source.name and old.get("source_sha256") != source_sha):
+            raise UserError(
+                f"output directory {out_dir} is not empty and is not a previous prepare of "
+                f"{source.name}; choose another output directory or delete it first."
+            )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.prepare-", dir=out_dir.parent))
+    stage.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary shared data dir
+    try:
+        meta = build(stage)
+        _write_json_atomic(stage / META_FILE, meta)  # last: a stage with meta.json is complete
+        if out_dir.is_dir():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, trash / "old")
+            os.replace(stage, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(stage, out_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    return meta
+
+
+def _write_split(stage: Path, prefix: str, split: str, arrays) -> tuple[int, int]:
+    writer = ShardWriter(stage, prefix, split)
+    for arr in arrays:
+        writer.add(arr)
+    paths = writer.close()
+    return writer.n_tokens, len(paths)
+
+
+# --- text -------------------------------------------------------------------------------------
+
+
+def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefix="data") -> dict:
+    """Prepare one UTF-8 text file (90/10 byte split). `vocab_size` None means 1024 when a
+    tokenizer is trained, and "whatever it has" when `tokenizer_path` is given."""
+    text_path = _require_file(text_path, "--text")
+    data = text_path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{text_path} is not UTF-8 text (bad byte at offset {e.start}); convert it to "
+            f"UTF-8 (e.g. `iconv -t utf-8`) and run prepare again."
+        ) from None
+    cut = text_split_point(data)
+    train_text, val_text = data[:cut].decode("utf-8"), data[cut:].decode("utf-8")
+    if not train_text or not val_text:
+        raise UserError(f"{text_path} is too small to split 90/10 ({len(data)} bytes); use a larger text.")
+    source_sha = hashlib.sha256(data).hexdigest()
+
+    def build(stage: Path) -> dict:
+        sp, tok = _install_tokenizer(
+            stage, tokenizer_path, vocab_size, lambda: _capped(iter([train_text]), TOKENIZER_MAX_TRAIN_BYTES)
+        )
+        val = _encode(sp, val_text, tok["lossless"])
+        val_tokens, val_shards = _write_split(stage, prefix, "val", [val])
+        roundtrip = sp.decode(val[1:].tolist()) == val_text
+        del val
+        train_tokens, train_shards = _write_split(stage, prefix, "train", [_encode(sp, train_text, tok["lossless"])])
+        return {
+            "source": text_path.name,
+            "source_kind": "text",
+            "source_sha256": source_sha,
+            "source_bytes": len(data),
+            "split_rule": "first int(0.9*n) bytes train (cut moved forward to a UTF-8 character "
+            "boundary), the rest val; each split is one document [BOS]+tokens",
+            "split_byte": cut,
+            "prefix": prefix,
+            **tok,
+            "bos_id": BOS_ID,
+            "train_tokens": train_tokens,
+            "val_tokens": val_tokens,
+            "train_shards": train_shards,
+            "val_shards": val_shards,
+            "train_raw_bytes": cut,
+            "val_raw_bytes": len(data) - cut,
+            "val_roundtrip_exact": roundtrip,
+            "n_docs": {"train": 1, "val": 1},
+        }
+
+    return _build_into(Path(out_dir), text_path, source_sha, build)
+
+
+# --- jsonl ------------------------------------------------------------------------------------
+
+
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    """Each document's text, in file order; blank lines are skipped."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno}: line is not UTF-8; convert the file to UTF-8.") from None
+            except ValueError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({e}); fix or remove that line.") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise UserError(
+                    f"{path}:{lineno}: expected a JSON object with a string \"text\" field; "
+                    f"fix that line (one document per line, e.g. {{\"text\": \"...\"}})."
+                )
+            yield obj["text"]
+
+
+def _batched(texts: Iterator[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val_docs=None, prefix="data") -> dict:
+    """Prepare a jsonl of {"text": ...} documents; the first `val_docs` documents are val."""
+    jsonl_path = _require_file(jsonl_path, "--jsonl")
+    n_docs = sum(1 for _ in _iter_jsonl(jsonl_path))  # also validates every line up front
+    n_val = max(1, n_docs // 10) if val_docs is None else int(val_docs)
+    if n_val < 1 or n_val >= n_docs:
+        raise UserError(
+            f"{jsonl_path} has {n_docs} documents, so val_docs={n_val} leaves no train or no val "
+            f"documents; pass --val-docs between 1 and {max(1, n_docs - 1)} or add documents."
+        )
+    source_sha = _sha256_file(jsonl_path)
+
+    def docs(split: str) -> Iterator[str]:
+        for i, text in enumerate(_iter_jsonl(jsonl_path)):
+            if (i < n_val) == (split == "val"):
+                yield text
+            elif split == "val":
+                return
+
+    def build(stage: Path) -> dict:
+        sp, tok = _install_tokenizer(
+            stage, tokenizer_path, vocab_size, lambda: _capped(docs("train"), TOKENIZER_MAX_TRAIN_BYTES)
+        )
+        stats = {"val_raw_bytes": 0, "train_raw_bytes": 0, "roundtrip": True}
+
+        def encoded(split: str) -> Iterator[np.ndarray]:
+            for batch in _batched(docs(split), _ENCODE_BATCH_DOCS):
+                ids = sp.encode(batch)
+                for text, doc_ids in zip(batch, ids):
+                    stats[f"{split}_raw_bytes"] += len(text.encode("utf-8"))
+                    if split == "val" and stats["roundtrip"]:
+                        stats["roundtrip"] = sp.decode(doc_ids) == text
+                    yield np.array([BOS_ID] + doc_ids, dtype=np.int32)
+
+        val_tokens, val_shards = _write_split(stage, prefix, "val", encoded("val"))
+        train_tokens, train_shards = _write_split(stage, prefix, "train", encoded("train"))
+        return {
+            "source": jsonl_path.name,
+            "source_kind": "jsonl",
+            "source_sha256": source_sha,
+            "split_rule": f"first {n_val} documents val, the remaining {n_docs - n_val} train; "
+            "each document is [BOS]+tokens",
+            "prefix": prefix,
+            **tok,
+            "bos_id": BOS_ID,
+            "train_tokens": train_tokens,
+            "val_tokens": val_tokens,
+            "train_shards": train_shards,
+            "val_shards": val_shards,
+            "train_raw_bytes": stats["train_raw_bytes"],
+            "val_raw_bytes": stats["val_raw_bytes"],
+            "val_roundtrip_exact": stats["roundtrip"],
+            "n_docs": {"train": n_docs - n_val, "val": n_val},
+        }
+
+    return _build_into(Path(out_dir), jsonl_path, source_sha, build)
+
+
+# --- skip when up to date ---------------------------------------------------------------------
+
+
+def _up_to_date(meta: Optional[dict], out_dir: Path, source: Path, tokenizer_path, vocab_size, val_docs, prefix) -> bool:
+    if not meta or meta.get("source_sha256") != _sha256_file(source) or meta.get("prefix") != prefix:
+        return False
+    if tokenizer_path is None:
+        if not meta.get("tokenizer_trained") or meta.get("vocab_size") != (vocab_size or DEFAULT_VOCAB):
+            return False
+    else:
+        if meta.get("tokenizer_sha256") != _sha256_file(Path(tokenizer_path)):
+            return False
+        if vocab_size is not None and meta.get("vocab_size") != vocab_size:
+            return False
+    if val_docs is not None and meta.get("n_docs", {}).get("val") != val_docs:
+        return False
+    if not (out_dir / TOKENIZER_FILE).is_file():
+        return False
+    try:  # the shards must still be there and intact, not just the meta
+        for split in ("train", "val"):
+            if sum(read_header(p) for p in list_shards(out_dir, split)) != meta.get(f"{split}_tokens"):
+                return False
+    except UserError:
+        return False
+    return True
+
+
+def ensure_prepared(
+    out_dir,
+    *,
+    text_path=None,
+    jsonl_path=None,
+    tokenizer_path=None,
+    vocab_size=None,
+    val_docs=None,
+    prefix="data",
+) -> dict:
+    """Prepare `out_dir` from exactly one of text_path / jsonl_path unless its meta.json already
+    matches the source's sha256, the vocabulary (and tokenizer, split, prefix) and its shards are
+    intact. Returns the meta dict either way."""
+    if (text_path is None) == (jsonl_path is None):
+        raise ValueError("ensure_prepared needs exactly one of text_path or jsonl_path")
+    out_dir = Path(out_dir)
+    source = _require_file(text_path or jsonl_path, "--text" if text_path else "--jsonl")
+    meta = _read_meta(out_dir)
+    if _up_to_date(meta, out_dir, source, tokenizer_path, vocab_size, val_docs if jsonl_path else None, prefix):
+        return meta
+    if text_path is not None:
+        return prepare_text(source, out_dir, tokenizer_path, vocab_size, prefix)
+    return prepare_jsonl(source, out_dir, tokenizer_path, vocab_size, val_docs, prefix)

@@ -1,0 +1,123 @@
+"""The `unet_gpt` trunk: the challenge baseline's GPT, with every PR #684 part as an option.
+
+    tok_emb (+ BigramHash) -> RMSNorm (-> SmearGate) = x0
+    encoder blocks 0..E-1 push their outputs; decoder block i first adds w_i * skip (LIFO)
+    each block: x <- m0 x + m1 x0; x <- x + a * Attn(norm(x) s); x <- x + c * MLP(norm(x) s)
+    (optional shared sidecar after its site blocks)
+    RMSNorm -> tied head -> softcap
+
+E = num_layers // 2 (baseline 4 of 9, #684 5 of 11). Attention / MLP / residual are registry
+parts; the trunk knows nothing of any one entry. Build with `build_model(cfg.model)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.model.base import LanguageModel, rms_norm, softcap
+from pipeline.model.parts.embeddings import BigramHash, SmearGate
+from pipeline.model.parts.sidecar import SharedSparseSidecar
+from pipeline.model.registry import register, resolve
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        D = cfg.model_dim
+        self.attn = resolve("attention", cfg.attention)(cfg, layer_idx)
+        self.mlp = resolve("mlp", cfg.mlp)(cfg, layer_idx)
+        self.attn_residual = resolve("residual", cfg.residual)(cfg, layer_idx, "attn")
+        self.mlp_residual = resolve("residual", cfg.residual)(cfg, layer_idx, "mlp")
+        self.attn_scale = nn.Parameter(torch.ones(D))
+        self.mlp_scale = nn.Parameter(torch.ones(D))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(D), torch.zeros(D)))) if cfg.resid_mix else None
+        # LN scale (PR #315): damp the normalised input of deeper layers by 1/sqrt(l+1).
+        self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        if self.resid_mix is not None:
+            mix = self.resid_mix.to(x.dtype)
+            x = mix[0] * x + mix[1] * x0
+        y = self.attn(rms_norm(x) * self.norm_scale)
+        x = self.attn_residual(x, self.attn_scale.to(y.dtype) * y)
+        y = self.mlp(rms_norm(x) * self.norm_scale)
+        return self.mlp_residual(x, self.mlp_scale.to(y.dtype) * y)
+
+
+class UNetGPT(LanguageModel):
+    embedding_names = ("tok_emb.weight", "bigram.embed.weight")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        D, L = cfg.model_dim, cfg.num_layers
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        self.bigram = BigramHash(cfg.bigram, D) if cfg.bigram else None
+        self.smear = SmearGate(D) if cfg.smear_gate else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
+        self.num_encoder = L // 2 if cfg.unet_skips else 0
+        num_skips = min(self.num_encoder, L - self.num_encoder)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, D)) if num_skips else None
+        self.sidecar = SharedSparseSidecar(cfg.sidecar, D) if cfg.sidecar else None
+        if self.sidecar is not None and max(self.sidecar.layers) >= L:
+            raise ValueError(f"sidecar layers {self.sidecar.layers} exceed num_layers {L}")
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(D, cfg.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        cfg = self.config
+        if self.tok_emb.weight.is_meta:
+            return
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.weight)
+        if cfg.init == "orthogonal":
+            # PR #684 / #65: orthogonal init for every >=64x64 linear that is not zero-init,
+            # then muP-style 1/sqrt(2L) on names ending in ".proj" (only bigram.proj in practice).
+            for name, mod in self.named_modules():
+                if isinstance(mod, nn.Linear) and min(mod.weight.shape) >= 64 and mod is not self.lm_head:
+                    if getattr(mod.weight, "_pgolf_zero_init", False):
+                        continue
+                    nn.init.orthogonal_(mod.weight, gain=1.0)
+                    if name.endswith(".proj"):
+                        with torch.no_grad():
+                            mod.weight.mul_(1.0 / math.sqrt(2 * cfg.num_layers))
+        elif cfg.init != "default":
+            raise ValueError(f"model.init must be 'default' or 'orthogonal', got {cfg.init!r}")
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x)
+        x0 = x
+        skips: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                w = self.skip_weights[i - self.num_encoder].to(x.dtype)
+                x = x + w * skips.pop()
+            x = block(x, x0)
+            if i < self.num_encoder:
+                skips.append(x)
+            if self.sidecar is not None:
+                site = self.sidecar.site_of(i)
+                if site is not None:
+                    x = x + self.sidecar(rms_norm(x), site)
+        return rms_norm(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(ids)
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = h @ weight.to(h.dtype).t()
+        return softcap(logits.float(), self.config.logit_softcap)
+
+
+@register("trunk", "unet_gpt")
+def unet_gpt(cfg: ModelConfig) -> LanguageModel:
+    return UNetGPT(cfg)

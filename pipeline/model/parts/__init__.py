@@ -1,0 +1,1 @@
+"""Model parts. Each module registers its parts with `pipeline.model.registry.register`."""

@@ -1,0 +1,348 @@
+"""Runtime-pure quantization math and artifact reader for the "pgolf-quant" format, v1.
+
+What is here: every quantization scheme (int6 / int8 per row, fp16 / fp32 casts, exact
+"raw" pass-through for non-float tensors), the two codecs (zstd, zlib), and a hand-written
+parser of the artifact container, ending in `decode_artifact`, which turns a blob back into
+a state_dict.
+
+Why it stands alone: the submission's self-contained `train_gpt.py` must read and
+dequantize the artifact with only the standard library, torch, numpy and zstandard, so this
+module imports nothing else. (Its one optional import, `pipeline.errors`, only makes the
+reader's errors `UserError`s inside the package; bundled, they are plain `ValueError`s.)
+Loading never executes code: no pickle anywhere, only JSON and raw little-endian bytes.
+
+The blob is one standard zstd frame (with content size and checksum) or a zlib stream,
+wrapping a safetensors-compatible container: an 8-byte little-endian header length, a JSON
+header `{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {str: str}}`, then the
+raw tensor bytes. The writer (`pipeline.stages.package`) uses the safetensors library; this
+module parses the same bytes by hand. Entries are `<name>.q` (int8 codes) plus
+`<name>.scale` (fp16 per row; one fp32 scalar for 1-D tensors) for int6/int8, and `<name>`
+for fp16/fp32/raw. `__metadata__["pgolf_quant"]` is a JSON string:
+`{"format": "pgolf-quant", "version": 1, "tensors": {name: {"scheme", "dtype", "shape",
+"clip_percentile"}}, "meta": {...the recipe/model identity the packager was given...}}`.
+
+Scheme math (PR #684's export, seed_prs.md §3.2; PR #298 / baseline int8, §2.3):
+  int6: per row, scale = max|w_row| / 31 stored fp16, q = clamp(round(w / scale), -32, 31).
+  int8: per row, clip c = quantile(|w_row|, p) (row max when p is None), scale = c / 127
+        stored fp16, q = clamp(round(clamp(w, -c, c) / scale), -127, 127).
+  N-D tensors are viewed as [shape[0], -1]; 1-D and 0-D tensors get one fp32 scale.
+
+Usage, submission side:
+    state_dict, header = decode_artifact(open("model.bin", "rb").read())
+    model.load_state_dict(state_dict, strict=True)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+import torch
+import zstandard
+
+try:  # inside the package: reader errors are user errors (printed without a traceback)
+    from pipeline.errors import UserError as _ErrorBase
+except ImportError:  # bundled into the self-contained submission script
+    _ErrorBase = ValueError
+
+FORMAT_NAME = "pgolf-quant"
+FORMAT_VERSION = 1
+METADATA_KEY = "pgolf_quant"
+SCHEMES = ("int6", "int8", "fp16", "fp32", "raw")
+# Integer code range per scheme. int6 keeps #684's asymmetric [-32, 31]; with the row-max
+# scale the codes only ever reach ±31, the -32 is just the clamp #684 used.
+INT_RANGES = {"int6": (-32, 31), "int8": (-127, 127)}
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# Dtype tags of the safetensors header -> little-endian numpy dtype. BF16 has no numpy
+# type, so it is read as uint16 and reinterpreted by torch.
+_NP_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}
+
+
+class ArtifactError(_ErrorBase):
+    """The artifact cannot be read: corrupt, truncated, or not a pgolf-quant blob."""
+
+
+# --------------------------------------------------------------------------------------
+# scheme math
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'torch.float32' -> 'float32' (how dtypes are written in the header)."""
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype):
+        raise ArtifactError(f"artifact header names an unknown dtype {name!r}; "
+                            "the blob is corrupt or from an incompatible writer")
+    return dt
+
+
+def container_keys(name: str, scheme: str) -> list[str]:
+    """The container entries one state_dict tensor becomes under `scheme`."""
+    return [name + ".q", name + ".scale"] if scheme in INT_RANGES else [name]
+
+
+def row_quantile(a: torch.Tensor, q: float, chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """Per-row linear-interpolated quantile of a 2-D tensor (torch.quantile's definition).
+
+    Hand-rolled on sort because torch.quantile refuses inputs over 2**24 elements; rows are
+    processed in chunks so the sort's index tensor stays bounded in memory."""
+    rows, cols = a.shape
+    pos = q * (cols - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, cols - 1)
+    frac = pos - lo
+    step = max(1, chunk_elems // max(cols, 1))
+    out = []
+    for start in range(0, rows, step):
+        s = a[start:start + step].sort(dim=1).values
+        out.append(torch.lerp(s[:, lo], s[:, hi], frac))
+    return torch.cat(out) if out else a.new_zeros(0)
+
+
+def _quantize_int(t: torch.Tensor, scheme: str, clip_percentile: float | None,
+                  scale_floor: float | None = None):
+    qmin, qmax = INT_RANGES[scheme]
+    w = t.detach().float()
+    per_row = w.ndim >= 2
+    w2 = w.reshape(w.shape[0], -1) if per_row else w.reshape(1, -1)
+    a = w2.abs()
+    if w2.shape[1] == 0:
+        clip = w2.new_zeros(w2.shape[0])
+    elif clip_percentile is None:
+        clip = a.amax(dim=1)
+    else:
+        clip = row_quantile(a, clip_percentile / 100.0)
+    # By default scales are floored at the smallest *normal* value of their storage dtype:
+    # zero rows survive (q = 0), and a floored fp16 scale keeps full relative precision, so
+    # the |error| <= scale/2 bound holds for every row. The records floor at 1/qmax instead
+    # (scale_floor=1/31 or 1/127), which gives rows with max|w| < 1 a coarse absolute step;
+    # pass that to reproduce their bytes exactly.
+    scale_dtype = torch.float16 if per_row else torch.float32
+    floor = torch.finfo(scale_dtype).tiny if scale_floor is None else float(scale_floor)
+    scale = (clip / qmax).clamp_min(floor).to(scale_dtype)
+    # Codes are computed against the *stored* (rounded) scale, so dequantization error is
+    # bounded by half of the scale actually used at load time.
+    s = scale.float().unsqueeze(1)
+    clipped = torch.maximum(torch.minimum(w2, clip.unsqueeze(1)), -clip.unsqueeze(1))
+    q = torch.round(clipped / s).clamp_(qmin, qmax).to(torch.int8).reshape(t.shape)
+    return q.contiguous(), (scale if per_row else scale.reshape(())).contiguous()
+
+
+def quantize_tensor(t: torch.Tensor, scheme: str, clip_percentile: float | None = None,
+                    name: str = "tensor", scale_floor: float | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Encode one tensor; returns {container key: tensor} (fresh, contiguous storage).
+    `scale_floor` (int6/int8 only): lower bound of the scale, see _quantize_int."""
+    if scheme in INT_RANGES:
+        q, scale = _quantize_int(t, scheme, clip_percentile, scale_floor)
+        return {name + ".q": q, name + ".scale": scale}
+    if scheme == "fp16":
+        return {name: t.detach().to(torch.float16).clone().contiguous()}
+    if scheme == "fp32":
+        return {name: t.detach().to(torch.float32).clone().contiguous()}
+    if scheme == "raw":
+        return {name: t.detach().clone().contiguous()}
+    raise ValueError(f"unknown quant scheme {scheme!r} for {name}; expected one of {SCHEMES}")
+
+
+def dequantize_tensor(entries: dict[str, torch.Tensor], name: str, scheme: str,
+                      dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """Decode one tensor from its container entries back to its original dtype and shape."""
+    shape = [int(d) for d in shape]
+    numel = math.prod(shape)
+    if scheme not in SCHEMES:
+        raise ArtifactError(f"artifact tensor {name!r} has unknown scheme {scheme!r}; "
+                            "it was written by an incompatible pgolf, re-run `pgolf package`")
+    for key in container_keys(name, scheme):
+        if key not in entries:
+            raise ArtifactError(f"artifact is missing entry {key!r} for tensor {name!r}; "
+                                "the blob is corrupt, re-run `pgolf package`")
+    if scheme not in INT_RANGES:
+        t = entries[name]
+        if t.numel() != numel:
+            raise ArtifactError(f"artifact tensor {name!r} has {t.numel()} elements, header "
+                                f"says shape {shape}; the blob is corrupt")
+        return t.reshape(shape).to(dtype)
+    q, scale = entries[name + ".q"], entries[name + ".scale"]
+    rows = shape[0] if len(shape) >= 2 else 1
+    if q.numel() != numel or scale.numel() != rows:
+        raise ArtifactError(f"artifact tensor {name!r}: codes/scales do not match shape "
+                            f"{shape}; the blob is corrupt, re-run `pgolf package`")
+    w = q.float().reshape(rows, -1) * scale.float().reshape(rows, 1)
+    return w.reshape(shape).to(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# codecs
+
+
+def compress(raw: bytes, compressor: str = "zstd", level: int = 22) -> bytes:
+    """One standard zstd frame (content size + checksum, single-threaded so the bytes are
+    deterministic), or a zlib stream. zlib tops out at level 9, so a zstd-style level above
+    9 (e.g. the default 22) means 9 — PR #298's and the baseline's zlib-9."""
+    if compressor == "zstd":
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True,
+                                        write_content_size=True)
+        return cctx.compress(raw)
+    if compressor == "zlib":
+        return zlib.compress(raw, min(int(level), 9))
+    raise ValueError(f"unknown compressor {compressor!r}; expected 'zstd' or 'zlib'")
+
+
+def decompress(blob: bytes) -> bytes:
+    """Inverse of `compress`; the codec is recognised from the first bytes of the blob."""
+    if blob[:4] == ZSTD_MAGIC:
+        try:
+            return zstandard.ZstdDecompressor().decompress(blob)
+        except zstandard.ZstdError as e:
+            raise ArtifactError(f"artifact zstd frame is truncated or corrupt ({e}); "
+                                "re-run `pgolf package`") from None
+    if len(blob) >= 2 and blob[0] & 0x0F == 8 and (blob[0] * 256 + blob[1]) % 31 == 0:
+        try:
+            return zlib.decompress(blob)
+        except zlib.error as e:
+            raise ArtifactError(f"artifact zlib stream is truncated or corrupt ({e}); "
+                                "re-run `pgolf package`") from None
+    raise ArtifactError("artifact is neither a zstd frame nor a zlib stream (bad magic "
+                        f"bytes {bytes(blob[:4]).hex() or 'none: empty file'}); "
+                        "re-run `pgolf package`")
+
+
+# --------------------------------------------------------------------------------------
+# container
+
+
+def build_metadata(manifest: dict, meta: dict) -> dict[str, str]:
+    """The container's `__metadata__` map. Sorted, compact JSON: same input, same bytes."""
+    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tensors": manifest, "meta": meta}
+    return {METADATA_KEY: json.dumps(doc, sort_keys=True, separators=(",", ":"))}
+
+
+ST_TAGS = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+           torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def encode_container(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Safetensors-layout bytes (8-byte little-endian header length, JSON header with
+    `__metadata__`, then each tensor's raw little-endian data), written without the
+    safetensors library so the submission script needs none. Tensors are laid out in name
+    order and the header is padded with spaces to 8 bytes, so the same input gives the same
+    bytes; the safetensors library reads the result (tested)."""
+    header: dict = {"__metadata__": dict(metadata)}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in ST_TAGS:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which the container cannot hold")
+        data = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+        header[name] = {"dtype": ST_TAGS[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
+def parse_container(buf: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse safetensors-compatible bytes into ({name: tensor}, metadata) without the
+    safetensors library. Every offset and size is checked before any byte is read."""
+    if len(buf) < 8:
+        raise ArtifactError(f"artifact container is {len(buf)} bytes, too short for a "
+                            "header; the blob is corrupt, re-run `pgolf package`")
+    (hlen,) = struct.unpack_from("<Q", buf, 0)
+    if hlen > len(buf) - 8:
+        raise ArtifactError(f"artifact header claims {hlen} bytes but only {len(buf) - 8} "
+                            "follow; the blob is truncated, re-run `pgolf package`")
+    try:
+        header = json.loads(bytes(buf[8:8 + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"artifact header is not valid JSON ({e}); "
+                            "the blob is corrupt, re-run `pgolf package`") from None
+    if not isinstance(header, dict):
+        raise ArtifactError("artifact header is not a JSON object; the blob is corrupt")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ArtifactError("artifact __metadata__ is not a string map; the blob is corrupt")
+    base, data_len = 8 + hlen, len(buf) - 8 - hlen
+    tensors = {}
+    for name, info in header.items():
+        try:
+            tag, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            np_dtype = np.dtype(_NP_DTYPES[tag])
+            shape = [int(d) for d in shape]
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"artifact header entry {name!r} is malformed ({info!r}); "
+                                "the blob is corrupt, re-run `pgolf package`") from None
+        numel = math.prod(shape)
+        if min(shape, default=0) < 0 or not (0 <= begin <= end <= data_len) \
+                or end - begin != numel * np_dtype.itemsize:
+            raise ArtifactError(f"artifact tensor {name!r} has offsets [{begin}, {end}) that "
+                                f"do not fit shape {shape} {tag} in {data_len} data bytes; "
+                                "the blob is corrupt or truncated, re-run `pgolf package`")
+        arr = np.frombuffer(buf, dtype=np_dtype, count=numel, offset=base + begin) \
+            if numel else np.empty(0, dtype=np_dtype)
+        # copy: the result must own writable memory, not alias the (read-only) blob
+        t = torch.from_numpy(arr.reshape(shape).copy())
+        tensors[name] = t.view(torch.bfloat16) if tag == "BF16" else t
+    return tensors, metadata
+
+
+def read_header(metadata: dict[str, str]) -> dict:
+    """The pgolf header from a container's metadata; refuses other formats and newer versions."""
+    if METADATA_KEY not in metadata:
+        raise ArtifactError(f"artifact has no {METADATA_KEY!r} metadata: it is not a "
+                            f"{FORMAT_NAME} blob; re-run `pgolf package`")
+    try:
+        doc = json.loads(metadata[METADATA_KEY])
+        fmt, version, manifest = doc["format"], doc["version"], doc["tensors"]
+    except (ValueError, KeyError, TypeError):
+        raise ArtifactError(f"artifact {METADATA_KEY!r} metadata is malformed; "
+                            "the blob is corrupt, re-run `pgolf package`") from None
+    if fmt != FORMAT_NAME:
+        raise ArtifactError(f"artifact format is {fmt!r}, expected {FORMAT_NAME!r}; "
+                            "this reader cannot load it")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ArtifactError(f"artifact is {FORMAT_NAME} version {version}, this reader "
+                            f"understands up to version {FORMAT_VERSION}; upgrade pgolf "
+                            "or re-package with this version")
+    if not isinstance(manifest, dict):
+        raise ArtifactError("artifact tensor manifest is malformed; the blob is corrupt")
+    return doc
+
+
+def decode_container(buf: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    """Uncompressed container bytes -> (state_dict in original dtypes, pgolf header)."""
+    entries, metadata = parse_container(buf)
+    doc = read_header(metadata)
+    state_dict, used = {}, set()
+    for name, spec in doc["tensors"].items():
+        try:
+            scheme, dtype, shape = spec["scheme"], spec["dtype"], spec["shape"]
+        except (KeyError, TypeError):
+            raise ArtifactError(f"artifact manifest entry for {name!r} is malformed; "
+                                "the blob is corrupt") from None
+        state_dict[name] = dequantize_tensor(entries, name, scheme, dtype_from_name(dtype), shape)
+        used.update(container_keys(name, scheme))
+    extra = sorted(set(entries) - used)
+    if extra:
+        raise ArtifactError(f"artifact has entries not in its manifest ({extra[:5]}); "
+                            "the blob is corrupt or from an incompatible writer")
+    return state_dict, doc
+
+
+def decode_artifact(blob: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    """Compressed blob -> (state_dict, header). `header["meta"]` is the recipe/model identity."""
+    return decode_container(decompress(blob))

@@ -1,0 +1,133 @@
+"""Stage `evaluate`: load a prepared data directory and score a model on its validation split.
+
+    data = load_data(data_dir, recipe)               # shards, val stream, byte tables, checks
+    res = score(model, data, recipe, dist_info, log, label="roundtrip")
+    res = score_ttt(model, data, recipe, dist_info, log)   # score-first (or the flagged PR #684 mode)
+
+Scores are plain dicts (val_loss, val_bpb, token_count, byte_count, top1_accuracy, eval_time_s)
+so they go straight into manifests and report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from eval.byte_tables import ByteTables
+from eval.scorer import EvalResult, evaluate
+from eval.ttt import check_score_before_update, pre_score_full_val_ttt, score_first_ttt
+from pipeline.config import Recipe
+from pipeline.data.shards import list_shards, load_shard
+from pipeline.data.tokenizer import check_vocab, load_tokenizer
+from pipeline.errors import UserError
+
+# Held-out top-1 accuracy above this is implausible for natural text: a leak alarm
+# (seed_components.md §1.3 test 6).
+TOP1_ALARM = 0.70
+
+
+@dataclass
+class Data:
+    dir: Path
+    train_shards: list
+    val_tokens: np.ndarray
+    tables: ByteTables
+    val_raw_bytes: Optional[int]  # UTF-8 bytes of the validation text (from meta.json), if known
+    val_stream_bytes: int  # bytes the tokenizer accounts for over the whole val stream
+
+
+def load_data(data_dir: Path, recipe: Recipe, tokenizer_path: Optional[Path] = None) -> Data:
+    """Shards of `data_dir` plus its tokenizer (`tokenizer_path`, default data_dir/tokenizer.model)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data directory {data_dir} does not exist; create it with "
+                        f"`pgolf data prepare --text FILE --out {data_dir}`.")
+    train = list_shards(data_dir, "train")
+    val_paths = list_shards(data_dir, "val")
+    tok_path = Path(tokenizer_path) if tokenizer_path else data_dir / "tokenizer.model"
+    if not tok_path.exists():
+        raise UserError(f"tokenizer {tok_path} does not exist; re-run `pgolf data prepare --out {data_dir}` "
+                        f"or point at the .model file that tokenized these shards.")
+    sp = load_tokenizer(tok_path)
+    check_vocab(sp, recipe.model.vocab_size, tok_path)
+    val = np.concatenate([np.asarray(load_shard(p), dtype=np.uint16) for p in val_paths])
+    if recipe.data.max_val_tokens:
+        val = val[: recipe.data.max_val_tokens + 1]
+    if int(val.max()) >= recipe.model.vocab_size:
+        raise UserError(f"validation shards in {data_dir} hold token id {int(val.max())} >= model.vocab_size "
+                        f"{recipe.model.vocab_size}; prepare the data with a matching tokenizer.")
+    tables = ByteTables.from_sentencepiece(sp, recipe.model.vocab_size)
+    meta_path = data_dir / "meta.json"
+    raw = json.loads(meta_path.read_text()).get("val_raw_bytes") if meta_path.exists() else None
+    if recipe.data.max_val_tokens:
+        raw = None  # a capped stream no longer stands for the whole text
+    return Data(data_dir, train, val, tables, raw, int(tables.count_bytes(val)))
+
+
+def _as_dict(res: EvalResult, seconds: float) -> dict:
+    return {"val_loss": res.val_loss, "val_bpb": res.val_bpb, "token_count": res.token_count,
+            "byte_count": res.byte_count, "top1_accuracy": res.top1_accuracy, "eval_time_s": seconds}
+
+
+def _progress_every(log, label: str):
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 10 or done == total:
+            last[0] = now
+            log(f"eval_progress {label} {done}/{total}")
+
+    return progress
+
+
+def _alarm(res: dict, label: str, log) -> None:
+    if res["top1_accuracy"] > TOP1_ALARM:
+        log(f"ALARM {label}: held-out top-1 accuracy {res['top1_accuracy']:.3f} > {TOP1_ALARM}: "
+            f"this is implausible for text and suggests a future-token leak (run `pgolf audit`).")
+
+
+def score(model, data: Data, recipe: Recipe, dist_info, log, label: str) -> dict:
+    t0 = time.perf_counter()
+    res = evaluate(model, data.val_tokens, data.tables, recipe.eval, dist_info.device, dist_info.rank,
+                   dist_info.world_size, progress=_progress_every(log, label))
+    out = _as_dict(res, time.perf_counter() - t0)
+    log(f"{label}_exact mode={recipe.eval.mode} seq_len={recipe.eval.seq_len} stride={recipe.eval.stride} "
+        f"val_loss={out['val_loss']:.8f} val_bpb={out['val_bpb']:.8f} val_tokens={out['token_count']} "
+        f"val_bytes={out['byte_count']} eval_time={out['eval_time_s']:.1f}s")
+    _alarm(out, label, log)
+    return out
+
+
+def score_ttt(model, data: Data, recipe: Recipe, dist_info, log) -> dict:
+    t0 = time.perf_counter()
+    events: list = []
+    fn = score_first_ttt if recipe.ttt.mode == "score_first" else pre_score_full_val_ttt
+    res = fn(model, data.val_tokens, data.tables, recipe.eval, recipe.ttt, dist_info.device, dist_info.rank,
+             dist_info.world_size, progress=_progress_every(log, "ttt"), events=events)
+    violations = check_score_before_update(events)
+    out = _as_dict(res, time.perf_counter() - t0)
+    out["compliant"] = not violations
+    if recipe.ttt.mode == "score_first" and violations:
+        raise RuntimeError(f"score-first TTT trained on unscored tokens: {violations[:3]}")  # a bug, not input
+    log(f"ttt_exact mode={recipe.ttt.mode} val_loss={out['val_loss']:.8f} val_bpb={out['val_bpb']:.8f} "
+        f"chunks_trained_before_scored={len(violations)} eval_time={out['eval_time_s']:.1f}s")
+    _alarm(out, "ttt", log)
+    return out
+
+
+def make_validator(data: Data, recipe: Recipe, dist_info):
+    """Periodic in-training validation: non-overlapping windows, untimed by the trainer."""
+    cfg = replace(recipe.eval, mode="nonoverlap")
+
+    def validate(model) -> dict:
+        res = evaluate(model, data.val_tokens, data.tables, cfg, dist_info.device, dist_info.rank,
+                       dist_info.world_size)
+        return {"val_loss": res.val_loss, "val_bpb": res.val_bpb}
+
+    return validate
