@@ -125,8 +125,9 @@ def check(recipe, seed, overrides):
         click.echo(f"params_{scheme}={n}")
     pred = predict_bytes(shapes, r.quant.rules, r.package)
     code = generated_code_bytes(r)
-    for group, nbytes in sorted(pred["groups"].items()):
-        click.echo(f"predicted_bytes_{group}={nbytes}")
+    for group, nbytes in sorted(pred.items()):
+        if group != "total":
+            click.echo(f"predicted_bytes_{group}={nbytes}")
     total = pred["total"] + code
     click.echo(f"predicted_bytes_model={pred['total']}")
     click.echo(f"bytes_code={code}")
@@ -144,7 +145,7 @@ def audit(recipe, seed, overrides):
     from pipeline.recipe import load_recipe
 
     r = load_recipe(recipe, overrides, seed)
-    report = audit_recipe(r)
+    report = audit_recipe(r, seed=r.seed)
     for line in report.lines():
         click.echo(line)
     if not report.passed:

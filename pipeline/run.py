@@ -25,7 +25,7 @@ from pipeline.stages.manifest import Stage, canonical_hash, file_sha256, write_j
 from pipeline.stages.package import package_model, size_lines
 from pipeline.stages.quantize import quantize_state_dict
 from pipeline.stages.roundtrip import roundtrip_into
-from pipeline.stages.train import train
+from pipeline.stages.train import train, training_config
 
 NONCOMPLIANT = "[NON-COMPLIANT: TTT trained on validation tokens before scoring them]"
 NONCAUSAL = "[NON-CAUSAL: model.leaky_selective_state=true leaks future tokens]"
@@ -79,8 +79,7 @@ def run_recipe(recipe: Recipe, data_dir: Path, out_root: Path, dist_info: DistIn
     fingerprint = data_fingerprint(data_dir)
 
     # ---------------------------------------------------------------- train + EMA
-    train_stage = Stage(run_dir, "train", {k: to_dict(getattr(recipe, k)) for k in ("model", "train", "optim", "ema")}
-                        | {"seed": recipe.seed}, {"data": fingerprint})
+    train_stage = Stage(run_dir, "train", training_config(recipe), {"data": fingerprint})
     weights_path = train_stage.dir / "exported_weights.pt"
     cached = train_stage.cached()
     if cached is None:

@@ -199,7 +199,8 @@ def test_switches_off():
     assert math.isclose(loss.item(), parts["ce"], rel_tol=1e-6)
     bare = build(tiny_cfg(value_embeds=False, resonant_pe=False, selective_state=False, confidence=False,
                           grad_memory=False, temporal_difference=False, exit_gate=False))
-    assert all(k.startswith(("tok_emb", "blocks", "control", "skip_weight")) for k, _ in bare.named_parameters())
+    kept = ("tok_emb", "blocks", "control", "skip_weight")
+    assert all(name.startswith(kept) for name, _ in bare.named_parameters())
     assert torch.isfinite(bare(ids())).all()
 
 
@@ -226,3 +227,32 @@ def test_routing():
 def test_unsupported_options_fail_loudly():
     with pytest.raises(UserError, match="kv_shift_mix"):
         build_model(dataclasses.replace(tiny_cfg(), kv_shift_mix=True))
+
+
+def test_parts_compute_the_published_formulas():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    x = torch.randn(2, T, 64)
+    with torch.no_grad():
+        # GRU carry at init: z = 0.5, h = 0, gate sigmoid(0) = 0.5 -> 0.25 S.
+        assert torch.allclose(model.gru(x, 1), 0.25 * x, atol=1e-6)
+        # TD at init: B = 0 -> Delta = -sigmoid(0.1) x_in.
+        x_in = torch.randn(2, T, 64)
+        assert torch.allclose(model.td(x, x_in, 2), -torch.sigmoid(torch.tensor(0.1)) * x_in, atol=1e-6)
+        # Gradient memory: m_p |x - x_prev| with m_p = 0.1.
+        assert torch.allclose(model.grad_memory(x, x_in, 0), 0.1 * (x - x_in).abs())
+        # Resonant PE: x + s_p [cos(t f), cos(t f)] x; t = 5 is exact in bf16.
+        f, s = model.resonant.freq[1], model.resonant.scale[1]
+        r5 = torch.cos(5 * f).repeat(2)
+        assert torch.allclose(model.resonant(x, 1)[:, 5], x[:, 5] + s * r5 * x[:, 5], atol=1e-6)
+        # Positions are rounded through bf16 as in #298: t = 257 acts as t = 256.
+        long = torch.ones(1, 300, 64)
+        out = model.resonant(long, 0)
+        assert torch.equal(out[0, 257], out[0, 256]) and not torch.equal(out[0, 255], out[0, 256])
+        # RoPE in #298's direction: pair (x1, x2) at position t -> (x1 cos + x2 sin, x2 cos - x1 sin).
+        attn = model.blocks[0].attn
+        q = torch.zeros(1, 2, 1, attn.hd)
+        q[..., 0] = 1.0  # x1 of the first pair, whose frequency is base^0 = 1
+        rotated = attn._rope(q)
+        assert torch.allclose(rotated[0, 1, 0, 0], torch.cos(torch.tensor(1.0)), atol=1e-6)
+        assert torch.allclose(rotated[0, 1, 0, attn.hd // 2], -torch.sin(torch.tensor(1.0)), atol=1e-6)

@@ -28,7 +28,8 @@ reproduced only with `leaky_selective_state: true`, and then `model.causal` is F
 
 At D = 768, V = 1024, 8/2 heads, MLP 2x, rank-32 K this is exactly 12,836,767 parameters, the
 count of PR #298's code. Per-pass tensors are sized P even where pass 0 never reads them (GRU
-gate, C_0, alpha_0), as in #298, to keep that count and state-dict layout; they get no gradient.
+gate, C_0, alpha_0), as in #298, to keep that count and state-dict layout; those rows get
+zero gradient.
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ from pipeline.model.recurrent_parts import (
 from pipeline.model.registry import register
 
 
-def thermo_temperature(step: int, rc: RecurrentConfig) -> float:
-    """T(k) = t0 exp(-k / tau): PR #298's annealed "temperature" (0.5 -> ~0.13 by step 7000)."""
-    return rc.thermo_t0 * math.exp(-float(step) / rc.thermo_tau)
+def thermo_temperature(step, rc: RecurrentConfig, device=None) -> torch.Tensor:
+    """T(k) = t0 exp(-k / tau): PR #298's annealed "temperature" (0.5 -> ~0.13 by step 7000).
+
+    A 0-d tensor, not a Python float: under torch.compile the step is a symbolic int, and
+    math.exp on it would pin the graph to each step's value (a recompile every step)."""
+    k = torch.scalar_tensor(step, dtype=torch.float32, device=device)
+    return rc.thermo_t0 * torch.exp(-k / rc.thermo_tau)
 
 
 def mean_softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -71,12 +76,12 @@ def mean_softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def thermo_term(logits: torch.Tensor, step: int, rc: RecurrentConfig) -> torch.Tensor:
-    """weight * (-T(k) * H): an entropy *bonus* (a confidence penalty), 0.025 H at step 0.
+    """weight * (-T(k) * H): an entropy *bonus* (a confidence penalty), -0.025 H at step 0.
 
     #298 names it free-energy minimisation; in effect it rewards spread-out predictions early in
     training and fades with T(k). Its "compression" loss (+0.05 H) sat in an `elif` behind this
     one and never ran, so it is not reproduced."""
-    return rc.thermo_weight * (-thermo_temperature(step, rc) * mean_softmax_entropy(logits))
+    return rc.thermo_weight * (-thermo_temperature(step, rc, logits.device) * mean_softmax_entropy(logits))
 
 
 # Options of the unet_gpt trunk that this trunk does not have. Refusing them beats silently
@@ -87,7 +92,8 @@ _UNSUPPORTED = ("bigram", "sidecar", "smear_gate", "kv_shift_mix", "k_gain", "lo
 def _check_config(cfg: ModelConfig) -> None:
     bad = [name for name in _UNSUPPORTED if getattr(cfg, name)]
     if bad:
-        raise UserError(f"model.trunk depth_recurrent does not support {', '.join('model.' + b for b in bad)}; "
+        names = ", ".join("model." + b for b in bad)
+        raise UserError(f"model.trunk depth_recurrent does not support {names}; "
                         "remove them or use trunk unet_gpt.")
     if cfg.attention != "causal" or cfg.residual != "standard":
         raise UserError("model.trunk depth_recurrent has its own low-rank-K attention and a standard "

@@ -45,9 +45,10 @@ def low_rank_pair(dim_in: int, rank: int, dim_out: int) -> tuple[nn.Linear, nn.L
 class LowRankKAttention(nn.Module):
     """PR #298's attention: full q and v, a rank-r bottleneck for k, GQA, causal SDPA.
 
-    q = W_q x [H x hd]; k = W_kb (W_ka x) [KV x hd] through rank `k_rank` (PR #298 saves
-    ~0.4 M parameters per block this way); v = W_v x. Per-head RMSNorm on q and k, RoPE on
-    the whole head, a learned per-head gain on q (init cfg.qk_gain_init), zero-init output.
+    q = W_q x [H x hd]; k = W_kb (W_ka x) [KV x hd] through rank `k_rank` (at D = 768, rank 32,
+    kv_dim 192 that is 30,720 weights instead of 147,456 per block); v = W_v x. Per-head RMSNorm
+    on q and k, RoPE (whole head unless cfg.rope.dims says otherwise), a learned per-head gain
+    on q (init cfg.qk_gain_init), causal SDPA with grouped KV heads, zero-init output.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -182,9 +183,11 @@ class SelectiveState(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.leaky:
             return x.mean(dim=1, keepdim=True).expand_as(x)
-        # Running sums in fp32 so that long windows (T = 2048) do not drift under bf16.
-        counts = torch.arange(1, x.size(1) + 1, device=x.device, dtype=torch.float32)
-        return (x.float().cumsum(dim=1) / counts[None, :, None]).to(x.dtype)
+        # Running sums in at least fp32 so that long windows (T = 2048) do not drift under bf16
+        # (and fp64 audits keep fp64).
+        acc = torch.promote_types(x.dtype, torch.float32)
+        counts = torch.arange(1, x.size(1) + 1, device=x.device, dtype=acc)
+        return (x.to(acc).cumsum(dim=1) / counts[None, :, None]).to(x.dtype)
 
 
 class GRUCarry(nn.Module):

@@ -67,6 +67,11 @@ def make_loader(recipe: Recipe, shard_paths, dist_info: DistInfo, micro_global_s
     return SequentialLoader(shard_paths, t.seq_len, rank=dist_info.rank, world_size=dist_info.world_size)
 
 
+def training_config(recipe: Recipe) -> dict:
+    """What determines the training trajectory (eval, TTT and export settings do not)."""
+    return {k: to_dict(getattr(recipe, k)) for k in ("model", "train", "optim", "ema")} | {"seed": recipe.seed}
+
+
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -105,6 +110,9 @@ class Trainer:
         self.ema = EMA(self.model, recipe.ema.decay) if recipe.ema.enabled else None
         self.shard_paths = list(shard_paths)
         self.loader = make_loader(recipe, self.shard_paths, dist_info, micro_tokens_global // t.seq_len)
+        # The sequential loader is told each micro-batch's size; the coprime one fixes it up front.
+        self.next_batch = (self.loader.next_batch if t.loader == "coprime"
+                           else lambda: self.loader.next_batch(self.local_tokens))
         use_compile = t.compile == "on" or (t.compile == "auto" and dist_info.device.type == "cuda")
         loss_module = _LossModule(self.model)
         self.step_model = torch.compile(loss_module) if use_compile else loss_module
@@ -119,7 +127,7 @@ class Trainer:
         return {"step": self.step, "train_time": self.train_time, "tokens_seen": self.tokens_seen,
                 "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
                 "ema": self.ema.state_dict() if self.ema else None, "loader": self.loader.state_dict(),
-                "rng": _rng_state(), "history": self.history, "recipe": to_dict(self.recipe)}
+                "rng": _rng_state(), "history": self.history, "training_config": training_config(self.recipe)}
 
     def save_checkpoint(self) -> None:
         if self.dist.is_main:
@@ -130,9 +138,13 @@ class Trainer:
         if not path.exists():
             return None
         state = torch.load(path, map_location=self.dist.device, weights_only=False)
-        if state["recipe"] != to_dict(self.recipe):
-            raise UserError(f"{path} was written by a different recipe; delete {self.out_dir} to start over, "
-                            f"or run the recipe that wrote it.")
+        if state["training_config"] != training_config(self.recipe):
+            # A changed recipe starts over; the old checkpoint is kept aside, not overwritten.
+            stale = path.with_name("ckpt.stale.pt")
+            os.replace(path, stale)
+            self.log(f"checkpoint {path} is from a different training configuration; starting fresh "
+                     f"(old checkpoint kept as {stale})")
+            return None
         self.model.load_state_dict(state["model"])
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
@@ -156,7 +168,7 @@ class Trainer:
         apply_schedule(self.optimizers, lr_mul, muon_momentum(self.step, r.optim))
         total = torch.zeros((), device=self.dist.device)
         for micro in range(self.accum):
-            x, y = self.loader.next_batch(self.local_tokens)
+            x, y = self.next_batch()
             x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
             sync = micro == self.accum - 1 or not isinstance(self.step_model, DistributedDataParallel)
             ctx = self.step_model.no_sync() if not sync else _null()
@@ -237,6 +249,9 @@ class Trainer:
             self.save_checkpoint()
             self.log(f"interrupted at step={self.step}; checkpoint saved, rerun to resume")
             raise
+        finally:
+            if hasattr(self.loader, "close"):
+                self.loader.close()  # stop a prefetch thread (PR #684's never stopped)
         self.save_checkpoint()
         return TrainResult(self.step, self.train_time, self.tokens_seen, self.history, resumed)
 
