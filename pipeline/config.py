@@ -250,8 +250,19 @@ def _default_quant_rules() -> tuple[QuantRule, ...]:
 
 
 @dataclass(frozen=True)
+class ComparePlan:
+    """Another export plan whose artifact size is reported beside the main one (not scored)."""
+
+    name: str
+    rules: tuple[QuantRule, ...]
+    compressor: Literal["zstd", "zlib"] = "zstd"
+    level: int = 22
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     rules: tuple[QuantRule, ...] = field(default_factory=_default_quant_rules)
+    compare: tuple[ComparePlan, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from pipeline.errors import UserError
 from pipeline.model import build_model
 from pipeline.stages import evaluate as ev
 from pipeline.stages.manifest import Stage, canonical_hash, file_sha256, write_json_atomic
-from pipeline.stages.package import package_model, size_lines
+from pipeline.quant import compress
+from pipeline.stages.package import package_model, serialize, size_lines
 from pipeline.stages.quantize import quantize_state_dict
 from pipeline.stages.roundtrip import roundtrip_into
 from pipeline.stages.train import train, training_config
@@ -123,10 +124,13 @@ def run_recipe(recipe: Recipe, data_dir: Path, out_root: Path, dist_info: DistIn
         write_json_atomic(pkg_stage.dir / "quant_plan.json", qmodel.plan)
         pkg = package_model(qmodel, str(pkg_stage.dir), recipe.package, code_bytes,
                             meta={"recipe": recipe.name, "seed": recipe.seed, "model": to_dict(recipe.model)})
+        pkg["compare"] = compare_sizes(exported, recipe)
         pkg = pkg_stage.finish({k: v for k, v in pkg.items() if k != "plan"} | {"path": "model.bin"},
                                files=("model.bin", "quant_plan.json"))
     for line in size_lines(pkg):
         log(line)
+    for name, nbytes in pkg["compare"].items():
+        log(f"Compare plan {name}: model {nbytes} bytes + code {pkg['bytes_code']} = {nbytes + pkg['bytes_code']} bytes")
     blob_path = pkg_stage.dir / "model.bin"
 
     # ---------------------------------------------------------------- roundtrip + scoring
@@ -158,6 +162,17 @@ def run_recipe(recipe: Recipe, data_dir: Path, out_root: Path, dist_info: DistIn
     return report
 
 
+def compare_sizes(model, recipe: Recipe) -> dict:
+    """Model bytes under each `quant.compare` plan (e.g. PR #298's int8 + zlib-9), unscored."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sizes = {}
+    for plan in recipe.quant.compare:
+        q = quantize_state_dict(state, plan.rules)
+        sizes[plan.name] = len(compress(serialize(q, {"recipe": recipe.name, "plan": plan.name}),
+                                        plan.compressor, plan.level))
+    return sizes
+
+
 def build_report(recipe: Recipe, dist_info: DistInfo, train_out: dict, pkg: dict, scores: dict, data) -> dict:
     final = scores["ttt"] or scores["roundtrip"]
     compliant = not (recipe.ttt.enabled and recipe.ttt.mode == "pre_score_full_val")
@@ -177,6 +192,7 @@ def build_report(recipe: Recipe, dist_info: DistInfo, train_out: dict, pkg: dict
         "ttt_compliant": compliant, "causal": causal,
         "params": params, "bytes_model": pkg["bytes_model"], "bytes_code": pkg["bytes_code"],
         "bytes_total": pkg["bytes_total"], "cap_bytes": pkg["cap_bytes"],
+        "bytes_model_compare": pkg.get("compare", {}),
         "steps": train_out["steps"], "train_time_s": train_out["train_time_s"],
         "eval_time_s": scores["eval_time_s"], "tokens_seen": train_out["tokens_seen"],
         "val_tokens": final["token_count"], "val_bytes": final["byte_count"],
