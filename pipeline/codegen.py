@@ -49,12 +49,13 @@ Self-contained: needs only torch, numpy, sentencepiece and zstandard.
     DATA_PATH=./data/datasets/fineweb10B_sp1024 TOKENIZER_PATH=./data/tokenizers/fineweb_1024_bpe.model \\
     torchrun --standalone --nproc_per_node=8 train_gpt.py
 """
-import base64, lzma, os, sys, tempfile
+import atexit, base64, lzma, os, sys, tempfile
 _SRC = {payload!r}
 _RECIPE = {recipe!r}
 _fd, _zip = tempfile.mkstemp(suffix=".zip")
 os.write(_fd, lzma.decompress(base64.b85decode(_SRC)))
 os.close(_fd)
+atexit.register(os.remove, _zip)
 sys.path.insert(0, _zip)
 from pipeline.submission import main
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""CPU smoke runs of the published recipes at tiny size: every part of sidecar48 and
+depth_recurrent end to end (train, EMA, quantize, package, roundtrip, TTT, sliding bpb), and
+the legality flags: the leak and the train-then-score TTT mark every line and the report, and
+`submit` refuses both.
+
+    .venv/bin/python -m pytest -q tests/test_smoke_recipes.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SMALL_VOCAB
+from pipeline.distributed import init
+from pipeline.errors import UserError
+from pipeline.recipe import load_recipe
+from pipeline.run import NONCAUSAL, NONCOMPLIANT, final_line, run_recipe
+
+COMMON = (f"model.vocab_size={SMALL_VOCAB}", "train.seq_len=32", "train.batch_tokens=256",
+          "train.reference_world_size=1", "train.max_steps=6", "train.max_wallclock_s=0", "train.warmdown_by=steps",
+          "train.warmdown_steps=2", "train.prime_steps=0", "train.log_every=2", "train.checkpoint_every=3",
+          "eval.seq_len=32", "eval.stride=16", "eval.batch_seqs=32", "data.max_val_tokens=1024")
+SIDECAR48 = COMMON + ("model.num_layers=5", "model.model_dim=32", "model.num_heads=4", "model.num_kv_heads=2",
+                      "model.rope.dims=8", "model.rope.ntk_train_seq_len=16", "model.bigram.buckets=64",
+                      "model.bigram.dim=8", "model.sidecar.hidden=8", "model.sidecar.layers=[2,3,4]",
+                      "train.coprime.mix_warmup_batches=4", "train.coprime.queue_depth=2", "ttt.chunk_tokens=256",
+                      "ttt.epochs=1")
+DEPTH_RECURRENT = COMMON + ("model.model_dim=32", "model.num_heads=4", "model.num_kv_heads=2",
+                            "model.recurrent.k_rank=8", "model.recurrent.td_rank=4", "model.recurrent.gru_rank=4")
+
+
+def _run(name, sets, small_data, tmp_path):
+    lines: list[str] = []
+    recipe = load_recipe(name, list(sets))
+    report = run_recipe(recipe, small_data, tmp_path, init("cpu"), echo=lines.append)
+    return recipe, report, lines
+
+
+def test_sidecar48_every_part_end_to_end(small_data, tmp_path):
+    recipe, report, lines = _run("sidecar48", SIDECAR48, small_data, tmp_path)
+    assert recipe.train.loader == "coprime" and recipe.model.sidecar and recipe.model.bigram
+    assert report["steps"] == 6 and report["ttt_compliant"] is True
+    assert report["val_bpb"] == report["val_bpb_ttt"] and 0 < report["val_bpb"] < 20
+    plan = json.loads((tmp_path / "sidecar48" / "seed1337" / "package" / "quant_plan.json").read_text())
+    by_name = {row["name"]: row for row in plan}
+    assert by_name["blocks.0.attn.c_q.weight"]["scheme"] == "fp16"  # <= 65,536 elements at this width
+    assert by_name["blocks.0.attn.k_shift"]["scheme"] == "fp32"
+    assert any(line.startswith("ttt_exact mode=score_first") for line in lines)
+    assert NONCOMPLIANT not in "\n".join(lines)
+
+
+def test_sidecar48_full_size_export_plan_matches_pr684():
+    import torch
+
+    from pipeline.model import build_model
+    from pipeline.stages.quantize import named_shapes_of, resolve_plan
+
+    recipe = load_recipe("sidecar48")
+    with torch.device("meta"):
+        model = build_model(recipe.model)
+    plan = {row["name"]: row for row in resolve_plan(named_shapes_of(model), recipe.quant.rules)}
+    expect = {"blocks.0.attn.c_q.weight": "int6", "blocks.10.mlp.proj.weight": "int6", "tok_emb.weight": "int8",
+              "bigram.embed.weight": "int8", "bigram.proj.weight": "fp16", "sidecar.w_gate.weight": "fp16",
+              "sidecar.site_gate": "fp16", "sidecar.site_scales": "fp32", "sidecar.conv.weight": "fp16",
+              "skip_weights": "fp32", "smear.gate": "fp32", "bigram.scale": "fp32", "blocks.3.attn.local_v_mix": "fp32"}
+    assert {k: plan[k]["scheme"] for k in expect} == expect
+    assert plan["blocks.0.attn.c_q.weight"]["scale_floor"] == pytest.approx(1 / 31)
+    assert plan["tok_emb.weight"]["clip_percentile"] == 99.99984
+
+
+def test_sidecar48_published_ttt_is_marked_non_compliant_everywhere(small_data, tmp_path):
+    sets = SIDECAR48 + ("ttt.mode=pre_score_full_val", "ttt.epochs=2")
+    recipe, report, lines = _run("sidecar48", sets, small_data, tmp_path)
+    assert report["ttt_compliant"] is False
+    assert lines and all(line.endswith(NONCOMPLIANT) for line in lines)
+    assert NONCOMPLIANT in final_line(report)
+    with pytest.raises(UserError, match="trains on validation tokens before scoring"):
+        from pipeline.submit import submit
+
+        submit("sidecar48", [1], list(sets), small_data, tmp_path, tmp_path / "records", "cpu")
+
+
+def test_depth_recurrent_causal_and_leaky(small_data, tmp_path):
+    _, causal, lines = _run("depth_recurrent", DEPTH_RECURRENT, small_data, tmp_path / "causal")
+    assert causal["causal"] is True and NONCAUSAL not in "\n".join(lines)
+    assert set(causal["bytes_model_compare"]) == {"pr298_int8_zlib"}
+    assert any(line.startswith("Compare plan pr298_int8_zlib:") for line in lines)
+    _, leaky, lines = _run("depth_recurrent", DEPTH_RECURRENT + ("model.leaky_selective_state=true",),
+                           small_data, tmp_path / "leaky")
+    assert leaky["causal"] is False
+    assert all(line.endswith(NONCAUSAL) for line in lines)
+    assert NONCAUSAL in final_line(leaky)
+
+
+def test_depth_recurrent_pr298_eval_mode_and_int8_zlib_export(small_data, tmp_path):
+    sets = DEPTH_RECURRENT + ("eval.mode=pr298_all_positions",)
+    _, report, lines = _run("depth_recurrent_int8_zlib", sets, small_data, tmp_path)
+    assert report["eval_mode"] == "pr298_all_positions"
+    assert report["val_tokens"] > 1024  # every position of every overlapping window counts
+    assert set(report["bytes_model_compare"]) == {"int6_zstd22"}
+    assert any("Serialized model" in line and "zlib" in line for line in lines)
