@@ -121,12 +121,10 @@ def run_recipe(recipe: Recipe, data_dir: Path, out_root: Path, dist_info: DistIn
         pkg_stage.start()
         qmodel = quantize_state_dict({k: v.detach().cpu() for k, v in exported.state_dict().items()},
                                      recipe.quant.rules)
-        write_json_atomic(pkg_stage.dir / "quant_plan.json", qmodel.plan)
         pkg = package_model(qmodel, str(pkg_stage.dir), recipe.package, code_bytes,
                             meta={"recipe": recipe.name, "seed": recipe.seed, "model": to_dict(recipe.model)})
         pkg["compare"] = compare_sizes(exported, recipe)
-        pkg = pkg_stage.finish({k: v for k, v in pkg.items() if k != "plan"} | {"path": "model.bin"},
-                               files=("model.bin", "quant_plan.json"))
+        pkg = pkg_stage.finish(pkg | {"path": "model.bin"}, files=("model.bin",))
     for line in size_lines(pkg):
         log(line)
     for name, nbytes in pkg["compare"].items():

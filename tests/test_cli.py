@@ -103,7 +103,7 @@ def test_run_writes_report_and_final_line(finished_run):
     assert "step=4/12 loss=" in (run_dir / "train.log").read_text()
     for stage in ("train", "package", "evaluate"):
         assert (run_dir / stage / "manifest.json").exists()
-    plan = json.loads((run_dir / "package" / "quant_plan.json").read_text())
+    plan = json.loads((run_dir / "package" / "manifest.json").read_text())["outputs"]["plan"]
     assert {row["scheme"] for row in plan} >= {"fp32", "fp16"}
 
 
@@ -192,3 +192,40 @@ def test_prepare_rejects_non_utf8(tmp_path):
     assert_user_error(cli_inprocess("data", "prepare", "--text", str(f), "--out", str(tmp_path / "o"), cwd=tmp_path),
                       "latin1.txt")
     assert not (tmp_path / "o").exists()
+
+
+def test_audit_passes_causal_depth_recurrent_and_names_the_leak(tmp_path):
+    ok = cli_inprocess("audit", "depth_recurrent", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "future_perturbation@16 PASS" in ok.stdout and "batch_independence PASS" in ok.stdout
+    assert ok.stdout.strip().endswith("audit depth_recurrent: PASS")
+    leak = cli_inprocess("audit", "depth_recurrent", "--set", "model.leaky_selective_state=true", cwd=tmp_path)
+    assert leak.returncode == 1
+    assert re.search(r"future_perturbation@16 FAIL max_dev=\S+ culprit=selective_state position=\d+", leak.stdout)
+    assert "batch_independence PASS" in leak.stdout
+    assert "selective_state" in leak.stderr and "future_perturbation" in leak.stderr
+
+
+def test_submit_writes_a_records_folder(small_data, tmp_path):
+    proc = cli_inprocess("submit", "tiny", "--seeds", "1,2", "--data", str(small_data), "--device", "cpu",
+                         *sets("train.max_steps=4", "data.max_val_tokens=0"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    folders = list((tmp_path / "records" / "track_10min_16mb").iterdir())
+    assert len(folders) == 1 and folders[0].name.endswith("_tiny")
+    folder = folders[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "submission.json", "train_gpt.py",
+                                                         "train_seed1.log", "train_seed2.log"]
+    sub = json.loads((folder / "submission.json").read_text())
+    reports = [json.loads((tmp_path / "artifacts" / "tiny" / f"seed{s}" / "report.json").read_text()) for s in (1, 2)]
+    assert sub["seeds"] == [1, 2]
+    assert sub["val_bpb"] == pytest.approx(np.mean([r["val_bpb"] for r in reports]))
+    assert sub["val_bpb_std"] == pytest.approx(np.std([r["val_bpb"] for r in reports], ddof=1))
+    assert sub["bytes_code"] == (folder / "train_gpt.py").stat().st_size == reports[0]["bytes_code"]
+    assert sub["bytes_total"] == max(r["bytes_total"] for r in reports)
+    assert sub["compliance"]["score_first_ttt"] is True and sub["compliance"]["three_seeds"] is False
+
+
+def test_submit_refuses_a_capped_validation_set_before_training(small_data, tmp_path):
+    proc = cli_inprocess("submit", "tiny", "--seeds", "1", "--data", str(small_data), *sets(), cwd=tmp_path)
+    assert_user_error(proc, "data.max_val_tokens")
+    assert not (tmp_path / "artifacts").exists()

@@ -43,7 +43,8 @@ def test_sidecar48_every_part_end_to_end(small_data, tmp_path):
     assert recipe.train.loader == "coprime" and recipe.model.sidecar and recipe.model.bigram
     assert report["steps"] == 6 and report["ttt_compliant"] is True
     assert report["val_bpb"] == report["val_bpb_ttt"] and 0 < report["val_bpb"] < 20
-    plan = json.loads((tmp_path / "sidecar48" / "seed1337" / "package" / "quant_plan.json").read_text())
+    manifest = tmp_path / "sidecar48" / "seed1337" / "package" / "manifest.json"
+    plan = json.loads(manifest.read_text())["outputs"]["plan"]  # the resolved per-tensor plan
     by_name = {row["name"]: row for row in plan}
     assert by_name["blocks.0.attn.c_q.weight"]["scheme"] == "fp16"  # <= 65,536 elements at this width
     assert by_name["blocks.0.attn.k_shift"]["scheme"] == "fp32"

@@ -20,7 +20,6 @@ class Rotary(nn.Module):
             raise ValueError(f"rope dims {self.dims} must be even and <= head_dim {head_dim}")
         self.base = cfg.base
         self.ntk_train_seq_len = cfg.ntk_train_seq_len
-        self._cache: dict = {}
 
     def effective_base(self, seq_len: int) -> float:
         # NTK-aware rescale when running longer than the nominal training length. PR #684
@@ -31,16 +30,13 @@ class Rotary(nn.Module):
         return self.base
 
     def cos_sin(self, seq_len: int, device, dtype):
-        # Tensors made under inference_mode cannot enter autograd (score-first TTT scores, then
-        # trains), so the two modes keep separate caches.
-        key = (seq_len, str(device), dtype, torch.is_inference_mode_enabled())
-        if key not in self._cache:
-            base = self.effective_base(seq_len)
-            inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float64, device=device) / self.dims))
-            t = torch.arange(seq_len, dtype=torch.float64, device=device)
-            freqs = torch.outer(t, inv_freq)
-            self._cache[key] = (freqs.cos().to(dtype), freqs.sin().to(dtype))
-        return self._cache[key]
+        # Recomputed per call (a [T, dims/2] outer product): no cache means nothing made under
+        # inference_mode can leak into autograd (score-first TTT scores, then trains), and no
+        # Python-side state for torch.compile to guard on.
+        base = self.effective_base(seq_len)
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32, device=device) / self.dims))
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, Dh] -> same, with the first `dims` channels rotated by position."""
