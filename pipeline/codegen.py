@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The runtime: every module the submission imports. A test runs the generated file with all
 # other third-party packages blocked, so this list cannot silently go stale.
 RUNTIME_MODULES = (
-    "pipeline/__init__.py", "pipeline/config.py", "pipeline/errors.py", "pipeline/distributed.py",
+    "pipeline/__init__.py", "pipeline/config.py", "pipeline/errors.py", "pipeline/distributed.py", "pipeline/fileio.py",
     "pipeline/quant.py", "pipeline/submission.py",
     "pipeline/data/__init__.py", "pipeline/data/shards.py", "pipeline/data/loader.py",
     "pipeline/data/coprime_loader.py", "pipeline/data/tokenizer.py",

@@ -18,10 +18,10 @@ import torch
 from pipeline.config import Recipe, to_dict
 from pipeline.data.shards import list_shards
 from pipeline.distributed import DistInfo
-from pipeline.errors import UserError
 from pipeline.model import build_model
 from pipeline.stages import evaluate as ev
-from pipeline.stages.manifest import Stage, canonical_hash, file_sha256, write_json_atomic
+from pipeline.fileio import file_sha256, write_json_atomic
+from pipeline.stages.manifest import Stage, canonical_hash
 from pipeline.quant import compress
 from pipeline.stages.package import package_model, serialize, size_lines
 from pipeline.stages.quantize import quantize_state_dict
@@ -128,7 +128,8 @@ def run_recipe(recipe: Recipe, data_dir: Path, out_root: Path, dist_info: DistIn
     for line in size_lines(pkg):
         log(line)
     for name, nbytes in pkg["compare"].items():
-        log(f"Compare plan {name}: model {nbytes} bytes + code {pkg['bytes_code']} = {nbytes + pkg['bytes_code']} bytes")
+        code = pkg["bytes_code"]
+        log(f"Compare plan {name}: model {nbytes} bytes + code {code} = {nbytes + code} bytes")
     blob_path = pkg_stage.dir / "model.bin"
 
     # ---------------------------------------------------------------- roundtrip + scoring

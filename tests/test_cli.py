@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_SETS
+from conftest import TINY_SETS
 
 FINAL = re.compile(r"^final val_bpb=(\d+\.\d{8}) bytes_total=(\d+)$")
 
@@ -98,7 +98,8 @@ def test_run_writes_report_and_final_line(finished_run):
     # bytes on disk are what the report says
     assert (run_dir / "package" / "model.bin").stat().st_size == report["bytes_model"]
     # val_bpb is nats / (bytes ln 2) of the scored targets
-    assert report["val_bpb"] == pytest.approx(report["val_loss"] * report["val_tokens"] / (report["val_bytes"] * np.log(2)))
+    nats = report["val_loss"] * report["val_tokens"]
+    assert report["val_bpb"] == pytest.approx(nats / (report["val_bytes"] * np.log(2)))
     assert (run_dir / "report.png").stat().st_size > 10_000
     assert "step=4/12 loss=" in (run_dir / "train.log").read_text()
     for stage in ("train", "package", "evaluate"):
@@ -139,7 +140,8 @@ def test_wrong_type(tmp_path):
 
 
 def test_missing_data_dir(tmp_path):
-    assert_user_error(cli_inprocess("run", "tiny", "--data", str(tmp_path / "nope"), cwd=tmp_path), "nope", "does not exist")
+    proc = cli_inprocess("run", "tiny", "--data", str(tmp_path / "nope"), cwd=tmp_path)
+    assert_user_error(proc, "nope", "does not exist")
 
 
 def test_empty_data_dir(tmp_path):

@@ -48,6 +48,7 @@ from pipeline.data.tokenizer import (
     train_tokenizer_docs,
 )
 from pipeline.errors import UserError
+from pipeline.fileio import file_sha256, write_json_atomic
 
 DEFAULT_VOCAB = 1024
 TOKENIZER_FILE = "tokenizer.model"
@@ -59,14 +60,6 @@ TOKENIZER_MAX_TRAIN_BYTES = 200_000_000
 _ENCODE_BATCH_DOCS = 256
 # A single text longer than this is encoded in pieces cut just before a space (see _encode).
 _ENCODE_CHUNK_CHARS = 4_000_000
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _require_file(path: Path, flag: str) -> Path:
@@ -128,7 +121,7 @@ def _install_tokenizer(stage: Path, tokenizer_path, vocab_size, train_docs: Call
     info = {
         "vocab_size": sp.vocab_size(),
         "tokenizer": TOKENIZER_FILE,
-        "tokenizer_sha256": _sha256_file(dest),
+        "tokenizer_sha256": file_sha256(dest),
         "tokenizer_trained": trained,
         "lossless": is_lossless(sp),
     }
@@ -157,12 +150,6 @@ def _read_meta(out_dir: Path) -> Optional[dict]:
         return None
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _build_into(out_dir: Path, source: Path, source_sha: str, build: Callable[[Path], dict]) -> dict:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -179,7 +166,7 @@ def _build_into(out_dir: Path, source: Path, source_sha: str, build: Callable[[P
     stage.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary shared data dir
     try:
         meta = build(stage)
-        _write_json_atomic(stage / META_FILE, meta)  # last: a stage with meta.json is complete
+        write_json_atomic(stage / META_FILE, meta)  # last: a stage with meta.json is complete
         if out_dir.is_dir():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, trash / "old")
@@ -299,7 +286,7 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
             f"{jsonl_path} has {n_docs} documents, so val_docs={n_val} leaves no train or no val "
             f"documents; pass --val-docs between 1 and {max(1, n_docs - 1)} or add documents."
         )
-    source_sha = _sha256_file(jsonl_path)
+    source_sha = file_sha256(jsonl_path)
 
     def docs(split: str) -> Iterator[str]:
         for i, text in enumerate(_iter_jsonl(jsonl_path)):
@@ -350,14 +337,15 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
 # --- skip when up to date ---------------------------------------------------------------------
 
 
-def _up_to_date(meta: Optional[dict], out_dir: Path, source: Path, tokenizer_path, vocab_size, val_docs, prefix) -> bool:
-    if not meta or meta.get("source_sha256") != _sha256_file(source) or meta.get("prefix") != prefix:
+def _up_to_date(meta: Optional[dict], out_dir: Path, source: Path, tokenizer_path, vocab_size, val_docs,
+                prefix) -> bool:
+    if not meta or meta.get("source_sha256") != file_sha256(source) or meta.get("prefix") != prefix:
         return False
     if tokenizer_path is None:
         if not meta.get("tokenizer_trained") or meta.get("vocab_size") != (vocab_size or DEFAULT_VOCAB):
             return False
     else:
-        if meta.get("tokenizer_sha256") != _sha256_file(Path(tokenizer_path)):
+        if meta.get("tokenizer_sha256") != file_sha256(Path(tokenizer_path)):
             return False
         if vocab_size is not None and meta.get("vocab_size") != vocab_size:
             return False

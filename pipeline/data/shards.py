@@ -15,14 +15,13 @@ Use:
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.fileio import atomic_write
 
 MAGIC = 20240520
 VERSION = 1
@@ -37,21 +36,6 @@ _TOKEN_DTYPE = np.dtype("<u2")
 
 def shard_name(prefix: str, split: str, index: int) -> str:
     return f"{prefix}_{split}_{index:06d}.bin"
-
-
-def _atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
-    # A temp name in the same directory keeps os.replace a same-filesystem rename, so a
-    # reader never sees a half-written shard even if we are killed mid-write.
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_shard(path: Path, tokens) -> None:
@@ -75,7 +59,7 @@ def write_shard(path: Path, tokens) -> None:
     header = np.zeros(HEADER_INTS, dtype=_HEADER_DTYPE)
     header[0], header[1], header[2] = MAGIC, VERSION, arr.size
     payload = arr.astype(_TOKEN_DTYPE, copy=False)
-    _atomic_write(path, [header.tobytes(), payload.tobytes()])
+    atomic_write(path, [header.tobytes(), payload.tobytes()])
 
 
 def read_header(path: Path) -> int:

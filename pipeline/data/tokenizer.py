@@ -26,7 +26,6 @@ Use:
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -34,6 +33,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 
 from pipeline.errors import UserError
+from pipeline.fileio import atomic_write
 
 SPACE_PIECE = "\u2581"  # SentencePiece's visible space, "▁"
 BOS_ID = 1
@@ -71,16 +71,6 @@ def _training_sentences(docs: Iterable[str]) -> Iterator[str]:
             size += n
         if chunk:
             yield "".join(chunk)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def train_tokenizer_docs(docs: Iterable[str], vocab_size: int, out_path: Path) -> Path:
@@ -139,7 +129,7 @@ def train_tokenizer_docs(docs: Iterable[str], vocab_size: int, out_path: Path) -
         # means a sentencepiece change broke the byte-table assumption.
         raise RuntimeError(f"pieces with an inner '{SPACE_PIECE}' break byte accounting: {inner[:5]}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out_path, proto)
+    atomic_write(out_path, proto)
     return out_path
 
 

@@ -32,6 +32,7 @@ import torch
 
 from pipeline.config import CONTROL_PATTERN, PackageConfig
 from pipeline.errors import SizeCapError, UserError
+from pipeline.fileio import atomic_write
 from pipeline.quant import ST_TAGS, INT_RANGES, build_metadata, compress, dtype_name, encode_container, quantize_tensor
 from pipeline.stages.quantize import QuantizedModel, as_dtype, resolve_plan
 
@@ -59,19 +60,6 @@ def tensor_group(name: str) -> str:
 def serialize(qmodel: QuantizedModel, meta: Mapping) -> bytes:
     """The uncompressed container bytes (safetensors layout, pgolf metadata)."""
     return encode_container(qmodel.tensors, build_metadata(qmodel.manifest, dict(meta)))
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _label(qmodel: QuantizedModel, cfg: PackageConfig) -> str:
@@ -118,8 +106,8 @@ def package_model(qmodel: QuantizedModel, out_dir: str, cfg: PackageConfig, code
     digest = hashlib.sha256(blob).hexdigest()
     if os.path.exists(path + ".sha256"):  # never let an old checksum vouch for a new blob
         os.remove(path + ".sha256")
-    _atomic_write(path, blob)
-    _atomic_write(path + ".sha256", f"{digest}  {BLOB_NAME}\n".encode())
+    atomic_write(path, blob)
+    atomic_write(path + ".sha256", f"{digest}  {BLOB_NAME}\n".encode())
     return {
         "path": path, "label": _label(qmodel, cfg), "sha256": digest,
         "bytes_model": len(blob), "bytes_code": code_bytes, "bytes_total": total,

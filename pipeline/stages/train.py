@@ -125,11 +125,20 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
         return {"step": self.step, "train_time": self.train_time, "tokens_seen": self.tokens_seen,
-                "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+                "world_size": self.dist.world_size, "model": self.model.state_dict(),
+                "optimizers": [o.state_dict() for o in self.optimizers],
                 "ema": self.ema.state_dict() if self.ema else None, "loader": self.loader.state_dict(),
                 "rng": _rng_state(), "history": self.history, "training_config": training_config(self.recipe)}
 
+    def _rank_optim_path(self) -> Path:
+        return self.out_dir / f"optim_rank{self.dist.rank}.pt"
+
     def save_checkpoint(self) -> None:
+        # Muon keeps each matrix's momentum only on the rank that owns it, so with several
+        # ranks every rank saves its own optimizer state beside rank 0's checkpoint.
+        if self.dist.world_size > 1:
+            _atomic_save({"step": self.step, "optimizers": [o.state_dict() for o in self.optimizers]},
+                         self._rank_optim_path())
         if self.dist.is_main:
             _atomic_save(self._state(), self.out_dir / CHECKPOINT)
 
@@ -145,8 +154,18 @@ class Trainer:
             self.log(f"checkpoint {path} is from a different training configuration; starting fresh "
                      f"(old checkpoint kept as {stale})")
             return None
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise UserError(f"{path} was written by {state.get('world_size', 1)} processes; resume with the same "
+                            f"number (now {self.dist.world_size}), or delete {self.out_dir} to start over.")
+        optim_states = state["optimizers"]
+        if self.dist.world_size > 1:
+            mine = torch.load(self._rank_optim_path(), map_location=self.dist.device, weights_only=False)
+            if mine["step"] != state["step"]:
+                raise UserError(f"{self._rank_optim_path()} is from step {mine['step']}, the checkpoint from step "
+                                f"{state['step']}; delete {self.out_dir} to start over.")
+            optim_states = mine["optimizers"]
         self.model.load_state_dict(state["model"])
-        for opt, s in zip(self.optimizers, state["optimizers"]):
+        for opt, s in zip(self.optimizers, optim_states):
             opt.load_state_dict(s)
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])

@@ -1,0 +1,43 @@
+"""Crash-safe file writes and content hashes, shared by every stage.
+
+A write goes to a temporary name in the same directory and is renamed into place, so a reader
+(or a resumed run) never sees a half-written file, even if the process is killed mid-write.
+Standard library only: the generated submission script bundles it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def atomic_write(path, chunks: Iterable[bytes] | bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if isinstance(chunks, (bytes, bytearray)):
+        chunks = (chunks,)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
