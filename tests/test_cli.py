@@ -231,3 +231,26 @@ def test_submit_refuses_a_capped_validation_set_before_training(small_data, tmp_
     proc = cli_inprocess("submit", "tiny", "--seeds", "1", "--data", str(small_data), *sets(), cwd=tmp_path)
     assert_user_error(proc, "data.max_val_tokens")
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_lossy_challenge_tokenizer_counts_normalized_bytes_and_warns(tmp_path):
+    """With the challenge's sp1024 (NFKC, newlines folded) bpb counts the normalized bytes, as
+    the challenge does; the report shows them beside the raw count and warns."""
+    from conftest import SHARED, small_text
+
+    model = SHARED / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+    if not model.exists():
+        pytest.skip("shared tokenizer models not present")
+    text = tmp_path / "t.txt"
+    text.write_text(small_text())
+    prep = cli_inprocess("data", "prepare", "--text", str(text), "--out", str(tmp_path / "d"), "--tokenizer",
+                         str(model), cwd=tmp_path)
+    assert prep.returncode == 0, prep.stderr
+    assert "lossless=False" in prep.stdout
+    proc = cli_inprocess("run", "tiny", "--data", str(tmp_path / "d"),
+                         *sets("data.max_val_tokens=0", "model.vocab_size=1024"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "artifacts" / "tiny" / "seed1337" / "report.json").read_text())
+    assert report["val_stream_bytes"] < report["val_raw_bytes"]
+    assert "raw bytes (it normalizes text)" in report["val_bytes_warning"]
+    assert "warning: the tokenizer accounts" in proc.stdout

@@ -24,7 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, data_dir: str, out_dir: str, stop_at: int) -> None:
+def _rank_main(rank: int, world: int, port: int, data_dir: str, out_dir: str, stop_at: int, extra: tuple) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -35,7 +35,7 @@ def _rank_main(rank: int, world: int, port: int, data_dir: str, out_dir: str, st
     from pipeline.stages.train import Trainer
 
     info = init("cpu")
-    trainer = Trainer(tiny_recipe(*SETS), list_shards(data_dir, "train"), out_dir, info, log=lambda s: None)
+    trainer = Trainer(tiny_recipe(*SETS, *extra), list_shards(data_dir, "train"), out_dir, info, log=lambda s: None)
     trainer.run(stop_at_step=stop_at or None)
     if rank == 0:
         torch.save(trainer.model.state_dict(), os.path.join(out_dir, "final.pt"))
@@ -43,8 +43,8 @@ def _rank_main(rank: int, world: int, port: int, data_dir: str, out_dir: str, st
     dist.destroy_process_group()
 
 
-def _two_ranks(data_dir, out_dir, stop_at=0):
-    mp.spawn(_rank_main, args=(2, _free_port(), str(data_dir), str(out_dir), stop_at), nprocs=2, join=True)
+def _two_ranks(data_dir, out_dir, stop_at=0, extra=()):
+    mp.spawn(_rank_main, args=(2, _free_port(), str(data_dir), str(out_dir), stop_at, extra), nprocs=2, join=True)
     return torch.load(os.path.join(out_dir, "final.pt"), weights_only=True)
 
 
@@ -69,6 +69,22 @@ def test_two_ranks_match_one_process_with_accumulation_and_resume(small_data, tm
     resumed = _two_ranks(small_data, tmp_path / "resumed")
     for k, v in straight.items():
         assert torch.equal(v, resumed[k]), f"{k}: two-rank resume left the trajectory"
+
+
+def test_coprime_loader_one_process_reads_what_two_ranks_read(small_data, tmp_path):
+    """PR #684's loader: accumulation micro-steps act as virtual ranks, so the data (and with
+    it the trajectory) do not depend on how many processes share the batch."""
+    from pipeline.data.shards import list_shards
+    from pipeline.distributed import init
+    from pipeline.stages.train import Trainer
+
+    extra = ("train.loader=coprime", "train.coprime.queue_depth=2")
+    single = Trainer(tiny_recipe(*SETS, *extra), list_shards(small_data, "train"), tmp_path / "one", init("cpu"),
+                     log=lambda s: None)
+    single.run()
+    two = _two_ranks(small_data, tmp_path / "two", extra=extra)
+    for k, v in single.model.state_dict().items():
+        assert torch.allclose(v, two[k], atol=2e-5, rtol=1e-4), f"{k}: coprime data differs between 1 and 2 ranks"
 
 
 def test_resume_with_another_world_size_is_refused(small_data, tmp_path):

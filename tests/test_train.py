@@ -80,3 +80,14 @@ def test_checkpoint_from_another_configuration_starts_fresh_and_keeps_the_old_on
     # an eval-only change resumes (here: finds the run complete) instead of retraining
     again = _trainer(tiny_recipe("train.max_steps=4", "optim.matrix_lr=0.01", "eval.stride=8"), small_data, tmp_path)
     assert again.run().resumed_from == 4
+
+
+def test_priming_steps_leave_no_trace(small_data, tmp_path):
+    """PR #684's 20 compile-priming steps: model, optimizer, EMA, loader and RNG are restored."""
+    plain = _trainer(tiny_recipe("train.max_steps=5"), small_data, tmp_path / "plain")
+    plain.run()
+    primed = _trainer(tiny_recipe("train.max_steps=5", "train.prime_steps=3"), small_data, tmp_path / "primed")
+    result = primed.run()
+    assert result.steps == 5 and result.tokens_seen == 5 * 256
+    for (k, a), b in zip(plain.model.state_dict().items(), primed.model.state_dict().values()):
+        assert torch.equal(a, b), f"{k} differs: priming leaked into training"

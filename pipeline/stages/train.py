@@ -55,13 +55,46 @@ def grad_accum_steps(recipe: Recipe, world_size: int) -> int:
     return ref // world_size
 
 
-def make_loader(recipe: Recipe, shard_paths, dist_info: DistInfo, micro_global_seqs: int):
-    t = recipe.train
-    if t.loader == "coprime":
+class MicroStepLoaders:
+    """The coprime loader for one process of a run with gradient accumulation.
+
+    PR #684 plans one global batch of batch_tokens / seq_len windows per optimizer step and rank
+    r takes windows r, r + W, ... With A accumulation micro-steps, micro-step m of rank r acts
+    as virtual rank m*W + r of a world of A*W, so one process reads exactly the windows the
+    reference multi-GPU run reads (and the gradient is the same mean over them)."""
+
+    def __init__(self, recipe: Recipe, shard_paths, dist_info: DistInfo, accum: int):
         from pipeline.data.coprime_loader import CoprimeShardLoader
 
-        return CoprimeShardLoader(shard_paths, t.seq_len, micro_global_seqs, rank=dist_info.rank,
-                                  world_size=dist_info.world_size, cfg=t.coprime, device=dist_info.device)
+        t, world = recipe.train, dist_info.world_size
+        step_seqs = t.batch_tokens // t.seq_len
+        self.loaders = [CoprimeShardLoader(shard_paths, t.seq_len, step_seqs, rank=m * world + dist_info.rank,
+                                           world_size=accum * world, cfg=t.coprime, device=dist_info.device)
+                        for m in range(accum)]
+        self.micro = 0
+
+    def next_batch(self):
+        batch = self.loaders[self.micro].next_batch()
+        self.micro = (self.micro + 1) % len(self.loaders)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"micro": self.micro, "loaders": [ld.state_dict() for ld in self.loaders]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.micro = state["micro"]
+        for ld, s in zip(self.loaders, state["loaders"]):
+            ld.load_state_dict(s)
+
+    def close(self) -> None:
+        for ld in self.loaders:
+            ld.close()
+
+
+def make_loader(recipe: Recipe, shard_paths, dist_info: DistInfo, accum: int):
+    t = recipe.train
+    if t.loader == "coprime":
+        return MicroStepLoaders(recipe, shard_paths, dist_info, accum)
     from pipeline.data.loader import SequentialLoader
 
     return SequentialLoader(shard_paths, t.seq_len, rank=dist_info.rank, world_size=dist_info.world_size)
@@ -109,7 +142,7 @@ class Trainer:
                                            world_size=dist_info.world_size)
         self.ema = EMA(self.model, recipe.ema.decay) if recipe.ema.enabled else None
         self.shard_paths = list(shard_paths)
-        self.loader = make_loader(recipe, self.shard_paths, dist_info, micro_tokens_global // t.seq_len)
+        self.loader = make_loader(recipe, self.shard_paths, dist_info, self.accum)
         # The sequential loader is told each micro-batch's size; the coprime one fixes it up front.
         self.next_batch = (self.loader.next_batch if t.loader == "coprime"
                            else lambda: self.loader.next_batch(self.local_tokens))
@@ -237,7 +270,7 @@ class Trainer:
         resumed = self.try_resume()
         if resumed is not None:
             self.log(f"resume step={resumed} train_time={self.train_time:.1f}s from={self.out_dir / CHECKPOINT}")
-        elif self.dist.device.type == "cuda":
+        else:
             self.prime()
         last_good = resumed
         try:
