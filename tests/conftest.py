@@ -31,6 +31,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module of tiny tensors: intra-op threads only add contention
+    there (on a loaded 2-core machine, 10-100x slower element-wise ops). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_text() -> str:
     """~60 KB of English prose: tinyshakespeare's head where the shared folder exists, else
     a deterministic synthetic text (the suite must not depend on the shared folder)."""

@@ -17,14 +17,7 @@ from pipeline.stages.package import (package_model, predict_bytes, size_lines, t
 from pipeline.stages.quantize import named_shapes_of, quantize_state_dict
 from pipeline.stages.roundtrip import load_artifact, roundtrip_into
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny; on a shared, loaded CPU torch's intra-op threads only add
-    # contention (10-100x slower element-wise ops), so run single-threaded and restore.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 D, VOCAB, LAYERS = 288, 512, 2

@@ -18,14 +18,7 @@ from pipeline.model.recurrent_parts import SelectiveState, binary_entropy, gate_
 T, V = 32, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy CI box OpenMP spin-waits turn a
-    # 50 ms forward into seconds. Restore the setting for the other test modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**recurrent) -> ModelConfig:
