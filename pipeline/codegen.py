@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from pipeline.config import Recipe, to_dict
+from pipeline.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,8 +89,5 @@ def generated_code_bytes(recipe: Recipe) -> int:
 
 def write_train_gpt(recipe: Recipe, path: Path) -> int:
     text = render_train_gpt(recipe).encode("utf-8")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(text)
-    tmp.replace(path)
+    atomic_write(path, text)
     return len(text)

@@ -18,11 +18,11 @@ import torch
 from pipeline.config import Recipe, to_dict
 from pipeline.data.shards import list_shards
 from pipeline.distributed import DistInfo
-from pipeline.model import build_model
-from pipeline.stages import evaluate as ev
 from pipeline.fileio import file_sha256, write_json_atomic
-from pipeline.stages.manifest import Stage, canonical_hash
+from pipeline.model import build_model
 from pipeline.quant import compress
+from pipeline.stages import evaluate as ev
+from pipeline.stages.manifest import Stage, canonical_hash
 from pipeline.stages.package import package_model, serialize, size_lines
 from pipeline.stages.quantize import quantize_state_dict
 from pipeline.stages.roundtrip import roundtrip_into

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from pipeline import distributed
 from pipeline.config import Recipe, from_dict
 from pipeline.errors import SizeCapError, UserError
+from pipeline.fileio import atomic_write
 from pipeline.model import build_model
 from pipeline.quant import build_metadata, compress, decode_artifact, encode_container
 from pipeline.stages import evaluate as ev
@@ -57,9 +58,7 @@ def run_submission(recipe: Recipe, script_path: str, data_dir: Path, tokenizer_p
     code_bytes = os.path.getsize(script_path)
     total = len(blob) + code_bytes
     if info.is_main:
-        tmp = blob_path.with_name(blob_path.name + ".tmp")
-        tmp.write_bytes(blob)
-        tmp.replace(blob_path)
+        atomic_write(blob_path, blob)
     _barrier(info.world_size)
     label = f"pgolf+{recipe.package.compressor}-{recipe.package.level}"
     log(f"Serialized model {label}: {len(blob)} bytes")

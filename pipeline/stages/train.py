@@ -296,6 +296,7 @@ class Trainer:
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_good = self.step
+            self.save_checkpoint()
         except KeyboardInterrupt:
             # Nothing lost on interruption: the last *completed* step is saved before exiting.
             self.save_checkpoint()
@@ -304,7 +305,6 @@ class Trainer:
         finally:
             if hasattr(self.loader, "close"):
                 self.loader.close()  # stop a prefetch thread (PR #684's never stopped)
-        self.save_checkpoint()
         return TrainResult(self.step, self.train_time, self.tokens_seen, self.history, resumed)
 
     def _after_step(self, loss: float, grad_norm: float, validate) -> None:
