@@ -188,6 +188,20 @@ def _write_split(stage: Path, prefix: str, split: str, arrays) -> tuple[int, int
     return writer.n_tokens, len(paths)
 
 
+def _meta(source: Path, kind: str, source_sha: str, split_rule: str, prefix: str, tok: dict,
+          written: dict[str, tuple[int, int]], raw_bytes: dict[str, int], roundtrip: bool,
+          n_docs: dict[str, int], **extra) -> dict:
+    """meta.json of a prepared directory. `written[split]` is (tokens, shards) from _write_split."""
+    return {
+        "source": source.name, "source_kind": kind, "source_sha256": source_sha, **extra,
+        "split_rule": split_rule, "prefix": prefix, **tok, "bos_id": BOS_ID,
+        "train_tokens": written["train"][0], "val_tokens": written["val"][0],
+        "train_shards": written["train"][1], "val_shards": written["val"][1],
+        "train_raw_bytes": raw_bytes["train"], "val_raw_bytes": raw_bytes["val"],
+        "val_roundtrip_exact": roundtrip, "n_docs": n_docs,
+    }
+
+
 # --- text -------------------------------------------------------------------------------------
 
 
@@ -214,30 +228,15 @@ def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefi
             stage, tokenizer_path, vocab_size, lambda: _capped(iter([train_text]), TOKENIZER_MAX_TRAIN_BYTES)
         )
         val = _encode(sp, val_text, tok["lossless"])
-        val_tokens, val_shards = _write_split(stage, prefix, "val", [val])
+        written = {"val": _write_split(stage, prefix, "val", [val])}
         roundtrip = sp.decode(val[1:].tolist()) == val_text
         del val
-        train_tokens, train_shards = _write_split(stage, prefix, "train", [_encode(sp, train_text, tok["lossless"])])
-        return {
-            "source": text_path.name,
-            "source_kind": "text",
-            "source_sha256": source_sha,
-            "source_bytes": len(data),
-            "split_rule": "first int(0.9*n) bytes train (cut moved forward to a UTF-8 character "
-            "boundary), the rest val; each split is one document [BOS]+tokens",
-            "split_byte": cut,
-            "prefix": prefix,
-            **tok,
-            "bos_id": BOS_ID,
-            "train_tokens": train_tokens,
-            "val_tokens": val_tokens,
-            "train_shards": train_shards,
-            "val_shards": val_shards,
-            "train_raw_bytes": cut,
-            "val_raw_bytes": len(data) - cut,
-            "val_roundtrip_exact": roundtrip,
-            "n_docs": {"train": 1, "val": 1},
-        }
+        written["train"] = _write_split(stage, prefix, "train", [_encode(sp, train_text, tok["lossless"])])
+        return _meta(text_path, "text", source_sha,
+                     "first int(0.9*n) bytes train (cut moved forward to a UTF-8 character boundary), the rest "
+                     "val; each split is one document [BOS]+tokens", prefix, tok, written,
+                     {"train": cut, "val": len(data) - cut}, roundtrip, {"train": 1, "val": 1},
+                     source_bytes=len(data), split_byte=cut)
 
     return _build_into(Path(out_dir), text_path, source_sha, build)
 
@@ -310,26 +309,12 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
                         stats["roundtrip"] = sp.decode(doc_ids) == text
                     yield np.array([BOS_ID] + doc_ids, dtype=np.int32)
 
-        val_tokens, val_shards = _write_split(stage, prefix, "val", encoded("val"))
-        train_tokens, train_shards = _write_split(stage, prefix, "train", encoded("train"))
-        return {
-            "source": jsonl_path.name,
-            "source_kind": "jsonl",
-            "source_sha256": source_sha,
-            "split_rule": f"first {n_val} documents val, the remaining {n_docs - n_val} train; "
-            "each document is [BOS]+tokens",
-            "prefix": prefix,
-            **tok,
-            "bos_id": BOS_ID,
-            "train_tokens": train_tokens,
-            "val_tokens": val_tokens,
-            "train_shards": train_shards,
-            "val_shards": val_shards,
-            "train_raw_bytes": stats["train_raw_bytes"],
-            "val_raw_bytes": stats["val_raw_bytes"],
-            "val_roundtrip_exact": stats["roundtrip"],
-            "n_docs": {"train": n_docs - n_val, "val": n_val},
-        }
+        written = {split: _write_split(stage, prefix, split, encoded(split)) for split in ("val", "train")}
+        return _meta(jsonl_path, "jsonl", source_sha,
+                     f"first {n_val} documents val, the remaining {n_docs - n_val} train; each document is "
+                     "[BOS]+tokens", prefix, tok, written,
+                     {"train": stats["train_raw_bytes"], "val": stats["val_raw_bytes"]}, stats["roundtrip"],
+                     {"train": n_docs - n_val, "val": n_val})
 
     return _build_into(Path(out_dir), jsonl_path, source_sha, build)
 
