@@ -108,7 +108,7 @@ def check(recipe, seed, overrides):
     from pipeline.codegen import generated_code_bytes
     from pipeline.model import build_model
     from pipeline.recipe import load_recipe
-    from pipeline.stages.package import predict_bytes
+    from pipeline.stages.package import predict_bytes, size_vs_rms
     from pipeline.stages.quantize import named_shapes_of, resolve_plan
 
     r = load_recipe(recipe, overrides, seed)
@@ -133,8 +133,15 @@ def check(recipe, seed, overrides):
     click.echo(f"bytes_code={code}")
     click.echo(f"predicted_bytes_total={total}")
     click.echo(f"cap_bytes={r.package.cap_bytes} predicted_headroom={r.package.cap_bytes - total}")
-    click.echo("note: the prediction compresses synthetic weights at untrained scales (matrices ~N(0, 0.02^2)); "
-               "trained weights are larger and compress less, so treat it as a lower bound")
+    click.echo("note: predicted_bytes_* compress Gaussian stand-ins at untrained scale (matrices ~N(0, 0.02^2)); "
+               "under a quantization scale floor trained weights, being larger, compress less:")
+    curve, cap_rms = size_vs_rms(shapes, r.quant.rules, r.package, code)
+    for rms, nbytes in curve:
+        click.echo(f"predicted_bytes_total_at_rms_{rms:g}={nbytes}")
+    if cap_rms is None:
+        click.echo(f"cap_rms=none (fits at every RMS up to {curve[-1][0]:g})")
+    else:
+        click.echo(f"cap_rms={cap_rms:.3f} (int6/int8 tensors with a larger RMS after training would not fit)")
 
 
 @cli.command()

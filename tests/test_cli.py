@@ -122,6 +122,18 @@ def test_check_baseline_params(tmp_path):
     assert "params=17059912" in proc.stdout.splitlines()
     total = int(re.search(r"^predicted_bytes_total=(\d+)$", proc.stdout, re.M).group(1))
     assert 8_000_000 < total < 16_000_000
+    # the baseline has no scale floor (fp16-tiny floor), so its size barely moves with the RMS
+    assert re.search(r"^cap_rms=none ", proc.stdout, re.M)
+
+
+def test_check_sidecar48_reports_the_rms_that_fits(tmp_path):
+    proc = cli_inprocess("check", "sidecar48", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "params=26823765" in proc.stdout.splitlines()
+    curve = [int(n) for n in re.findall(r"^predicted_bytes_total_at_rms_[\d.]+=(\d+)$", proc.stdout, re.M)]
+    assert len(curve) == 5 and curve == sorted(curve) and curve[0] < 16_000_000 < curve[-1]
+    cap_rms = float(re.search(r"^cap_rms=([\d.]+) ", proc.stdout, re.M).group(1))
+    assert 0.1 < cap_rms < 0.3  # between the grid points that bracket the cap
 
 
 def test_malformed_recipe_yaml(tmp_path):

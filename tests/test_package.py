@@ -13,8 +13,8 @@ from torch import nn
 
 from pipeline.config import PackageConfig, QuantConfig, QuantRule
 from pipeline.errors import SizeCapError, UserError
-from pipeline.stages.package import (package_model, predict_bytes, size_lines, tensor_group)
-from pipeline.stages.quantize import named_shapes_of, quantize_state_dict
+from pipeline.stages.package import package_model, predict_bytes, size_lines, size_vs_rms, tensor_group
+from pipeline.stages.quantize import named_shapes_of, quantize_state_dict, resolve_plan
 from pipeline.stages.roundtrip import load_artifact, roundtrip_into
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -227,6 +227,50 @@ def test_predict_bytes_within_15_percent_of_actual(tmp_path):
     small = predict_bytes(shapes, QuantConfig(), FAST, init_std={"tok_emb.weight": 0.0},
                           meta=meta)
     assert small["embed"] < pfast["embed"] / 10
+
+
+def _floored(quant: QuantConfig) -> QuantConfig:
+    """The default plan with PR #684's scale floors (1/31 int6, 1/127 int8)."""
+    floors = {"int6": 1 / 31, "int8": 1 / 127}
+    return QuantConfig(rules=tuple(dataclasses.replace(r, scale_floor=floors.get(r.scheme)) for r in quant.rules))
+
+
+def test_size_vs_rms_follows_real_packages_under_a_scale_floor(tmp_path):
+    quant = _floored(QuantConfig())
+    shapes = named_shapes_of(_Tiny().to("meta"))
+    int_names = [e["name"] for e in resolve_plan(shapes, quant.rules) if e["scheme"] in ("int6", "int8")]
+    actual = {}
+    for rms in (0.05, 0.2):
+        model = _gaussian_model()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in int_names:
+                    p.normal_(0.0, rms)
+        q = quantize_state_dict(model.state_dict(), quant)
+        actual[rms] = package_model(q, str(tmp_path / str(rms)), FAST, 0, {"recipe": "t"}, group_report=False)
+        pred = predict_bytes(shapes, quant, FAST, init_std=dict.fromkeys(int_names, rms))["total"]
+        assert 0.85 <= pred / actual[rms]["bytes_model"] <= 1.15, (rms, pred, actual[rms]["bytes_model"])
+    # under the floor the same shapes cost far more bytes at a larger RMS
+    assert actual[0.2]["bytes_model"] > 1.2 * actual[0.05]["bytes_model"]
+
+    code = 1000
+    cap = (actual[0.05]["bytes_model"] + actual[0.2]["bytes_model"]) // 2 + code
+    capped = dataclasses.replace(FAST, cap_bytes=cap)
+    curve, cap_rms = size_vs_rms(shapes, quant, capped, code, grid=(0.02, 0.05, 0.2, 0.3), bisect_steps=6)
+    totals = [t for _, t in curve]
+    assert totals == sorted(totals) and totals[0] < cap < totals[-1]
+    assert 0.05 < cap_rms < 0.2
+    below = predict_bytes(shapes, quant, capped, init_std=dict.fromkeys(int_names, 0.9 * cap_rms), sample_rows=16)
+    above = predict_bytes(shapes, quant, capped, init_std=dict.fromkeys(int_names, 1.1 * cap_rms), sample_rows=16)
+    assert below["total"] + code <= cap < above["total"] + code
+
+
+def test_size_vs_rms_is_flat_without_a_scale_floor():
+    shapes = named_shapes_of(_Tiny().to("meta"))
+    curve, cap_rms = size_vs_rms(shapes, QuantConfig(), FAST, 1000, grid=(0.02, 0.3))
+    (_, small), (_, large) = curve
+    assert abs(large - small) < 0.03 * small  # per-row max scaling: the RMS does not matter
+    assert cap_rms is None
 
 
 def test_tensor_groups():
