@@ -75,3 +75,11 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dimension (no learned gain anywhere, as the baseline)."""
     return F.rms_norm(x, (x.size(-1),))
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    """model_dim // num_heads, after checking the head layout every attention part relies on."""
+    D, H, KV = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
+    if D % H or H % KV:
+        raise ValueError(f"model_dim {D} must divide by num_heads {H}, and heads by kv heads {KV}")
+    return D // H

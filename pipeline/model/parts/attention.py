@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
-from pipeline.model.base import rms_norm
+from pipeline.model.base import head_dim, rms_norm
 from pipeline.model.parts.rotary import Rotary
 from pipeline.model.registry import register
 
@@ -35,9 +35,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         D, H, KV = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
-        if D % H or H % KV:
-            raise ValueError(f"model_dim {D} must divide by num_heads {H}, and heads by kv heads {KV}")
-        self.H, self.KV, self.hd = H, KV, D // H
+        self.H, self.KV, self.hd = H, KV, head_dim(cfg)
         self.c_q = nn.Linear(D, D, bias=False)
         self.c_k = nn.Linear(D, KV * self.hd, bias=False)
         self.c_v = nn.Linear(D, KV * self.hd, bias=False)
