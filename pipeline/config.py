@@ -88,6 +88,45 @@ class RecurrentConfig:
 
 
 @dataclass(frozen=True)
+class TrueEvolvingConfig:
+    """TrueEvolvingAttention V2 (seed_components.md §1.1), built in its parallel conv form."""
+
+    evolution_rate: float = 0.1  # rho in tau_t = sin(rho (t+1)(l+1) w)
+    memory_decay: float = 0.85  # gamma of the memory m_t = sum_s gamma^(t-s) (q_s + tau_s)
+    kernel_taps: int = 128  # the gamma^k kernel is truncated here (0.85^128 ~ 1e-9)
+    qk_layernorm: bool = False  # V1's per-head LayerNorm on the evolved q and k
+    per_head_weights: bool = False  # evolution_weights of shape (H, Dh) instead of (Dh,)
+    weights_init_std: float = 0.02
+
+
+@dataclass(frozen=True)
+class ElitaConfig:
+    """ELiTA Attention2 and FeedForward2 (seed_components.md §3)."""
+
+    position_width: int = 16  # P, sinusoid components of the position functions
+    value_width: int = 0  # a, per-head value width; 0 = model_dim // num_heads
+    # Positions are n_i = i / (position_len - 1) with a FIXED length, so outputs do not depend
+    # on how many tokens follow (prefix consistent). The published linspace(0, 1, T) divides by
+    # the window's own length instead; it is kept behind this flag and fails `pgolf audit`.
+    position_len: int = 1024
+    length_normalised_positions: bool = False
+    ff_width: int = 0  # A of FeedForward2; 0 = model_dim
+    ff_rank: int = 8  # r, the author's "linear factor"
+
+
+@dataclass(frozen=True)
+class OrthoParConfig:
+    """lof310's Orthogonal-Parallel residual (seed_components.md §2.1)."""
+
+    alpha_mean: float = 0.25
+    alpha_std: float = 0.5
+    beta_mean: float = 0.15
+    beta_std: float = 0.25
+    eps: float = 1e-8  # floor of <x, x> in the projection coefficient
+    sum_eps: float = 1e-6  # guard of the faithful variant's 1/sum(y): s + sign(s) * sum_eps
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     # The trunk: unet_gpt (baseline / #684 family) or depth_recurrent (#298).
     trunk: str = "unet_gpt"
@@ -126,6 +165,13 @@ class ModelConfig:
     # PR #298's published Selective State is a mean over *all* positions: a future leak.
     # Off = causal prefix mean. On = reproduce the leak; every report marks the run non-causal.
     leaky_selective_state: bool = False
+    # Seed components (seed_components.md), used by the parts that name them.
+    true_evolving: TrueEvolvingConfig = field(default_factory=TrueEvolvingConfig)
+    elita: ElitaConfig = field(default_factory=ElitaConfig)
+    orthopar: OrthoParConfig = field(default_factory=OrthoParConfig)
+    # How learned mixing weights (resid_mix's two sources) are normalised: "none" keeps them raw
+    # (baseline); otherwise a registry "normalizer" (softmax, shiftmax_recon_*).
+    mix_normalizer: str = "none"
 
 
 # --------------------------------------------------------------------------------------
@@ -171,13 +217,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class GradConditioningConfig:
-    """lof310's gradient conditioning g <- s*g + b per tensor (seed_components.md §2.2).
+class GradConditioningRule:
+    """Per-tensor (s, b) for the parameters whose name matches; the first matching rule wins."""
 
-    The defaults are the identity (a bitwise no-op)."""
-
+    pattern: str  # regular expression searched in the parameter name
     scale: float = 1.0
     bias: float = 0.0
+
+
+@dataclass(frozen=True)
+class GradConditioningConfig:
+    """lof310's gradient conditioning g <- s_p*g + b_p per tensor p (seed_components.md §2.2).
+
+    Each tensor's (s_p, b_p) is that of its first matching rule, else the global (scale, bias).
+    mode=fixed keeps them; mode=hypergradient starts from them and learns them online (our
+    reading of v1, Baydin et al. 2018) with step sizes hyper_lr_scale / hyper_lr_bias, which
+    already include the optimizer lr factor. The defaults are the identity (a bitwise no-op)."""
+
+    mode: Literal["fixed", "hypergradient"] = "fixed"
+    scale: float = 1.0
+    bias: float = 0.0
+    rules: tuple[GradConditioningRule, ...] = ()
+    hyper_lr_scale: float = 0.0  # s_p <- s_p + hyper_lr_scale * <g_t, g_{t-1}>
+    hyper_lr_bias: float = 0.0  # b_p <- b_p + hyper_lr_bias * sum_i g_t,i
 
 
 @dataclass(frozen=True)

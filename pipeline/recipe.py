@@ -181,8 +181,11 @@ def _semantic_errors(data: dict) -> list[str]:
     train = data.get("train") if isinstance(data.get("train"), dict) else {}
     defaults_m, defaults_t = C.ModelConfig(), C.TrainConfig()
     errors = []
-    for kind in ("trunk", "attention", "mlp", "residual"):
-        value = model.get(kind, getattr(defaults_m, kind))
+    kinds = ("trunk", "attention", "mlp", "residual")
+    named_parts = [(kind, model.get(kind, getattr(defaults_m, kind))) for kind in kinds]
+    if model.get("mix_normalizer", "none") != "none":
+        named_parts.append(("normalizer", model["mix_normalizer"]))
+    for kind, value in named_parts:
         if isinstance(value, str):
             try:
                 registry.resolve(kind, value)
@@ -200,6 +203,22 @@ def _semantic_errors(data: dict) -> list[str]:
     return errors
 
 
+def _pattern_errors(recipe: C.Recipe) -> list[str]:
+    """Regular expressions in quant and gradient-conditioning rules, compiled at load time so
+    that `check` and `audit` catch a bad one, not only the stage that first uses it."""
+    from pipeline.optim.grad_transforms import check_grad_conditioning
+    from pipeline.stages.quantize import check_quant_rules
+
+    errors = []
+    checks = ((check_quant_rules, recipe.quant.rules), (check_grad_conditioning, recipe.optim.grad_conditioning))
+    for check, cfg in checks:
+        try:
+            check(cfg)
+        except UserError as e:
+            errors.append(str(e))
+    return errors
+
+
 def validate(data: dict, source: str) -> C.Recipe:
     problems = _semantic_errors(data)
     try:
@@ -209,6 +228,8 @@ def validate(data: dict, source: str) -> C.Recipe:
     except ValidationError as e:
         problems = list(dict.fromkeys([_format_error(err) for err in e.errors()] + problems))
         recipe = None
+    if recipe is not None:
+        problems += _pattern_errors(recipe)
     if problems:
         raise UserError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return recipe

@@ -84,3 +84,18 @@ def test_cross_field_rules():
         load_recipe("tiny", ["train.batch_tokens=1000"])
     with pytest.raises(UserError, match="leaky_selective_state: only meaningful"):
         load_recipe("tiny", ["model.leaky_selective_state=true"])
+
+
+def test_bad_rule_patterns_fail_at_load_with_their_paths():
+    with pytest.raises(UserError) as e:
+        load_recipe("tiny", ['quant.rules=[{scheme: int8, pattern: "(("}]',
+                             'optim.grad_conditioning.rules=[{pattern: "mlp(", scale: 2.0}]'])
+    msg = str(e.value)
+    assert "2 problem(s)" in msg
+    assert "quant.rules[0] pattern '(('" in msg
+    assert "optim.grad_conditioning.rules[0].pattern 'mlp('" in msg
+
+
+def test_unknown_mix_normalizer_names_its_field():
+    with pytest.raises(UserError, match=r"model\.mix_normalizer: unknown normalizer 'softmx'\. Did you mean 'softmax'"):
+        load_recipe("tiny", ["model.mix_normalizer=softmx"])

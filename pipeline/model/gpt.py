@@ -3,6 +3,8 @@
     tok_emb (+ BigramHash) -> RMSNorm (-> SmearGate) = x0
     encoder blocks 0..E-1 push their outputs; decoder block i first adds w_i * skip (LIFO)
     each block: x <- m0 x + m1 x0; x <- x + a * Attn(norm(x) s); x <- x + c * MLP(norm(x) s)
+      (m = resid_mix raw, or normalised over its two sources by `model.mix_normalizer`;
+       "x + ..." is the registry residual part, `standard` by default)
     (optional shared sidecar after its site blocks)
     RMSNorm -> tied head -> softcap
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.errors import UserError
 from pipeline.model.base import LanguageModel, rms_norm, softcap
 from pipeline.model.parts.embeddings import BigramHash, SmearGate
 from pipeline.model.parts.sidecar import SharedSparseSidecar
@@ -35,12 +38,21 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(D))
         self.mlp_scale = nn.Parameter(torch.ones(D))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(D), torch.zeros(D)))) if cfg.resid_mix else None
+        # Optional normalizer of the mix over its two sources (dim 0), per channel. The raw init
+        # (1, 0) is kept whatever the normalizer: see parts/normalizers.py for what it becomes.
+        self.mix_normalizer = None
+        if cfg.mix_normalizer != "none":
+            if not cfg.resid_mix:
+                raise UserError(f"model.mix_normalizer {cfg.mix_normalizer!r} normalises resid_mix, "
+                                "which model.resid_mix: false removes; set one of them back.")
+            self.mix_normalizer = resolve("normalizer", cfg.mix_normalizer)(cfg)
         # LN scale (PR #315): damp the normalised input of deeper layers by 1/sqrt(l+1).
         self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         if self.resid_mix is not None:
-            mix = self.resid_mix.to(x.dtype)
+            mix = self.resid_mix if self.mix_normalizer is None else self.mix_normalizer(self.resid_mix, 0)
+            mix = mix.to(x.dtype)
             x = mix[0] * x + mix[1] * x0
         y = self.attn(rms_norm(x) * self.norm_scale)
         x = self.attn_residual(x, self.attn_scale.to(y.dtype) * y)

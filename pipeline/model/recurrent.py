@@ -98,6 +98,9 @@ def _check_config(cfg: ModelConfig) -> None:
     if cfg.attention != "causal" or cfg.residual != "standard":
         raise UserError("model.trunk depth_recurrent has its own low-rank-K attention and a standard "
                         f"residual; got attention={cfg.attention!r}, residual={cfg.residual!r}.")
+    if cfg.mix_normalizer != "none":
+        raise UserError(f"model.mix_normalizer {cfg.mix_normalizer!r}: depth_recurrent keeps resid_mix raw; "
+                        "use 'none' or trunk unet_gpt.")
     if cfg.init != "default":
         raise UserError(f"model.init {cfg.init!r}: depth_recurrent uses PR #298's init ('default') only.")
     rc = cfg.recurrent

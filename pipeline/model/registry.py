@@ -9,6 +9,11 @@ Kinds and the constructor signature each expects:
 - "attention": factory(cfg: ModelConfig, layer_idx: int) -> module(x[B,T,D]) -> [B,T,D]
 - "mlp":       factory(cfg: ModelConfig, layer_idx: int) -> module(x[B,T,D]) -> [B,T,D]
 - "residual":  factory(cfg: ModelConfig, layer_idx: int, site: str) -> module(x, y) -> x_new
+- "normalizer": factory(cfg: ModelConfig) -> fn(z, dim) -> weights >= 0 summing to 1 along dim
+                (for learned mixing weights only; never attention or the LM head)
+
+`part_modules(cfg)` names the source files of the parts a config uses, so the generated
+submission script carries only those (every byte of code counts against the cap).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Callable
 
 from pipeline.errors import UserError
 
-KINDS = ("trunk", "attention", "mlp", "residual")
+KINDS = ("trunk", "attention", "mlp", "residual", "normalizer")
 _REGISTRY: dict[str, dict[str, Callable]] = {k: {} for k in KINDS}
 
 # Modules whose import registers parts. Listed explicitly so the set of parts is visible here.
@@ -27,6 +32,10 @@ _PART_MODULES = (
     "pipeline.model.parts.attention",
     "pipeline.model.parts.mlp",
     "pipeline.model.parts.residual",
+    "pipeline.model.parts.true_evolving",
+    "pipeline.model.parts.elita",
+    "pipeline.model.parts.orthopar",
+    "pipeline.model.parts.normalizers",
     "pipeline.model.gpt",
     "pipeline.model.recurrent",
 )
@@ -53,7 +62,10 @@ def _load_parts() -> None:
             try:
                 importlib.import_module(mod)
             except ModuleNotFoundError as e:
-                if e.name != mod:  # a real missing dependency, not an absent optional module
+                # The generated submission script ships only the part modules its recipe uses
+                # (`part_modules`); the others are absent there by design. A missing dependency
+                # *inside* a module is a real error and is raised.
+                if e.name != mod:
                     raise
         _loaded = True
 
@@ -69,10 +81,19 @@ def resolve(kind: str, name: str) -> Callable:
     if name not in table:
         close = difflib.get_close_matches(name, table, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"model.{kind}: unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(table))}.")
+        field = "mix_normalizer" if kind == "normalizer" else kind  # the ModelConfig field that names it
+        raise UserError(f"model.{field}: unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(table))}.")
     return table[name]
 
 
 def build_model(cfg):
     """Build the model a ModelConfig describes (on the current default device)."""
     return resolve("trunk", cfg.trunk)(cfg)
+
+
+def part_modules(cfg) -> list[str]:
+    """Module names that define the trunk and the parts a ModelConfig names."""
+    used = [("trunk", cfg.trunk), ("attention", cfg.attention), ("mlp", cfg.mlp), ("residual", cfg.residual)]
+    if cfg.mix_normalizer != "none":
+        used.append(("normalizer", cfg.mix_normalizer))
+    return sorted({resolve(kind, name).__module__ for kind, name in used})

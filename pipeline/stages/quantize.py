@@ -71,7 +71,7 @@ def named_shapes_of(obj) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
 
 
-def _check_rules(rules: tuple[QuantRule, ...]) -> list[re.Pattern]:
+def check_quant_rules(rules: tuple[QuantRule, ...]) -> list[re.Pattern]:
     if not rules:
         raise UserError("quant.rules is empty; add at least one rule, e.g. a final catch-all "
                         "`{scheme: int8, pattern: '.*'}`")
@@ -102,7 +102,7 @@ def resolve_plan(named_shapes: Mapping[str, tuple], rules) -> list[dict]:
     """One dict per tensor, in the given order: {name, scheme, clip_percentile, numel,
     rule_index}. Non-float tensors get scheme "raw" and rule_index None."""
     rules = _rules_of(rules)
-    compiled = _check_rules(rules)
+    compiled = check_quant_rules(rules)
     plan = []
     for name, (shape, dtype) in named_shapes.items():
         numel = math.prod(int(d) for d in shape)

@@ -4,8 +4,8 @@
 
 One optimizer step = `reference_world_size // world_size` micro-steps, so a single process
 follows the reference 8-GPU trajectory. The loop saves `out_dir/ckpt.pt` (model, optimizers,
-EMA, step, loader position, RNG states, elapsed training time) every `checkpoint_every`
-steps and on Ctrl-C; a later call resumes from it and continues on the same trajectory.
+EMA, grad-conditioning state, step, loader position, RNG states, elapsed training time) every
+`checkpoint_every` steps and on Ctrl-C; a later call resumes from it and continues on the same trajectory.
 A NaN/inf loss stops the run, keeps the last good checkpoint and names the step.
 
 Runtime-pure (bundled into the submission script): imports torch/numpy and pipeline only.
@@ -31,7 +31,8 @@ from pipeline.distributed import DistInfo, all_reduce_max, seed_everything
 from pipeline.errors import NonFiniteLossError, UserError
 from pipeline.model import build_model
 from pipeline.optim.build import build_optimizers
-from pipeline.optim.grad_transforms import clip_grad_norm, condition_gradients, nan_to_num_
+from pipeline.optim.grad_transforms import (GradConditioningState, check_grad_conditioning, clip_grad_norm,
+                                            condition_gradients, nan_to_num_)
 from pipeline.optim.schedule import apply_schedule, lr_multiplier, muon_momentum
 from pipeline.stages.ema import EMA
 
@@ -141,6 +142,9 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, recipe.optim, rank=dist_info.rank,
                                            world_size=dist_info.world_size)
         self.ema = EMA(self.model, recipe.ema.decay) if recipe.ema.enabled else None
+        check_grad_conditioning(recipe.optim.grad_conditioning)  # a bad rule pattern fails here, not mid-run
+        # mode=hypergradient's learned per-tensor scalars: checkpointed like the optimizers.
+        self.grad_state = GradConditioningState()
         self.shard_paths = list(shard_paths)
         self.loader = make_loader(recipe, self.shard_paths, dist_info, self.accum)
         # The sequential loader is told each micro-batch's size; the coprime one fixes it up front.
@@ -161,7 +165,8 @@ class Trainer:
                 "world_size": self.dist.world_size, "model": self.model.state_dict(),
                 "optimizers": [o.state_dict() for o in self.optimizers],
                 "ema": self.ema.state_dict() if self.ema else None, "loader": self.loader.state_dict(),
-                "rng": _rng_state(), "history": self.history, "training_config": training_config(self.recipe)}
+                "grad_conditioning": self.grad_state.state_dict(), "rng": _rng_state(), "history": self.history,
+                "training_config": training_config(self.recipe)}
 
     def _rank_optim_path(self) -> Path:
         return self.out_dir / f"optim_rank{self.dist.rank}.pt"
@@ -202,6 +207,7 @@ class Trainer:
             opt.load_state_dict(s)
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        self.grad_state.load_state_dict(state["grad_conditioning"])
         self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         self.step, self.train_time, self.tokens_seen = state["step"], state["train_time"], state["tokens_seen"]
@@ -228,10 +234,11 @@ class Trainer:
                 loss, _aux = self.step_model(x, y, self.step)
             (loss / self.accum).backward()
             total += loss.detach()
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        params = [p for _, p in named]
         if r.train.nan_to_num_grads:
             nan_to_num_(params)
-        condition_gradients(params, r.optim.grad_conditioning)
+        condition_gradients(named, r.optim.grad_conditioning, self.grad_state)
         grad_norm = clip_grad_norm(params, r.train.grad_clip)
         for opt in self.optimizers:
             opt.step()
@@ -251,6 +258,7 @@ class Trainer:
         snapshot = copy.deepcopy({"model": self.model.state_dict(),
                                   "opt": [o.state_dict() for o in self.optimizers],
                                   "ema": self.ema.state_dict() if self.ema else None,
+                                  "grad_conditioning": self.grad_state.state_dict(),
                                   "loader": self.loader.state_dict(), "rng": _rng_state()})
         for _ in range(n):
             self.train_step()
@@ -259,6 +267,7 @@ class Trainer:
             opt.load_state_dict(s)
         if self.ema is not None:
             self.ema.load_state_dict(snapshot["ema"])
+        self.grad_state.load_state_dict(snapshot["grad_conditioning"])
         self.loader.load_state_dict(snapshot["loader"])
         _set_rng_state(snapshot["rng"])
         self.tokens_seen = 0
