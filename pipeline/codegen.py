@@ -11,6 +11,7 @@ zstandard, like the records' self-extracting scripts (pg_mechanics.md §4.2.2, r
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
@@ -23,24 +24,12 @@ from pipeline.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The runtime: every module the submission imports. A test runs the generated file with all
-# other third-party packages blocked, so this list cannot silently go stale.
-RUNTIME_MODULES = (
-    "pipeline/__init__.py", "pipeline/config.py", "pipeline/errors.py", "pipeline/distributed.py", "pipeline/fileio.py",
-    "pipeline/quant.py", "pipeline/submission.py",
-    "pipeline/data/__init__.py", "pipeline/data/shards.py", "pipeline/data/loader.py",
-    "pipeline/data/coprime_loader.py", "pipeline/data/tokenizer.py",
-    "pipeline/model/__init__.py", "pipeline/model/base.py", "pipeline/model/registry.py",
-    "pipeline/model/gpt.py", "pipeline/model/recurrent.py", "pipeline/model/recurrent_parts.py",
-    "pipeline/model/parts/__init__.py", "pipeline/model/parts/attention.py", "pipeline/model/parts/mlp.py",
-    "pipeline/model/parts/residual.py", "pipeline/model/parts/rotary.py",
-    "pipeline/model/parts/embeddings.py", "pipeline/model/parts/sidecar.py",
-    "pipeline/optim/__init__.py", "pipeline/optim/build.py", "pipeline/optim/grad_transforms.py",
-    "pipeline/optim/muon.py", "pipeline/optim/schedule.py",
-    "pipeline/stages/__init__.py", "pipeline/stages/ema.py", "pipeline/stages/train.py",
-    "pipeline/stages/quantize.py", "pipeline/stages/evaluate.py",
-    "eval/__init__.py", "eval/byte_tables.py", "eval/windows.py", "eval/scorer.py", "eval/ttt.py",
-)
+# The runtime is the import closure of the submission entry point and of the model parts the
+# recipe names, found by reading `import` statements (`runtime_modules`). Part modules reach the
+# registry only by name, so a recipe carries the code of its own parts and no other's. A test
+# runs the generated file with all other third-party packages blocked.
+ENTRY_MODULES = ("pipeline.submission",)
+_PACKAGES = ("pipeline", "eval")
 
 _FIXED_TIME = (2026, 3, 18, 0, 0, 0)  # zip timestamps fixed so the bytes are reproducible
 
@@ -64,21 +53,56 @@ if __name__ == "__main__":
 '''
 
 
-def _runtime_zip() -> bytes:
+def _module_file(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Project modules a source file imports (at any depth of the file, lazy imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            # `from pipeline import distributed` imports a module, not a name
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {m for m in found if m.split(".")[0] in _PACKAGES and _module_file(m) is not None}
+
+
+def runtime_modules(recipe: Recipe) -> list[str]:
+    """Repository-relative paths of every module the submission for `recipe` imports."""
+    from pipeline.model.registry import part_modules
+
+    todo = [*ENTRY_MODULES, *part_modules(recipe.model)]
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages' __init__
+        todo.extend(_imported_modules(_module_file(module)))
+    return sorted(_module_file(m).relative_to(ROOT).as_posix() for m in seen)
+
+
+def _runtime_zip(recipe: Recipe) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for rel in RUNTIME_MODULES:
-            path = ROOT / rel
-            if not path.exists():
-                continue  # optional split modules (e.g. recurrent_parts.py)
+        for rel in runtime_modules(recipe):
             info = zipfile.ZipInfo(rel, date_time=_FIXED_TIME)
             info.external_attr = 0o644 << 16
-            zf.writestr(info, path.read_bytes())
+            zf.writestr(info, (ROOT / rel).read_bytes())
     return buf.getvalue()
 
 
 def render_train_gpt(recipe: Recipe) -> str:
-    payload = base64.b85encode(lzma.compress(_runtime_zip(), preset=9 | lzma.PRESET_EXTREME)).decode()
+    payload = base64.b85encode(lzma.compress(_runtime_zip(recipe), preset=9 | lzma.PRESET_EXTREME)).decode()
     recipe_json = json.dumps(to_dict(recipe), sort_keys=True, separators=(",", ":"))
     return _TEMPLATE.format(name=recipe.name, payload=payload, recipe=recipe_json)
 

@@ -11,8 +11,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import tiny_recipe
-from pipeline.codegen import generated_code_bytes, write_train_gpt
+from pipeline.codegen import generated_code_bytes, runtime_modules, write_train_gpt
+from pipeline.recipe import load_recipe
 
 BLOCKED = ("click", "pydantic", "yaml", "safetensors", "tqdm", "matplotlib", "huggingface_hub", "tiktoken")
 
@@ -32,8 +35,14 @@ def filtered_site_packages(dest):
     return dest
 
 
-def test_generated_script_runs_with_only_the_allowed_packages(small_data, tmp_path):
-    recipe = tiny_recipe("train.max_steps=3", "ttt.enabled=true")
+# unet_gpt ships without recurrent.py; depth_recurrent ships without gpt.py: both must still run.
+TRUNKS = {"unet_gpt": (), "depth_recurrent": ("model.trunk=depth_recurrent", "model.recurrent.k_rank=4",
+                                              "model.recurrent.td_rank=4", "model.recurrent.gru_rank=4")}
+
+
+@pytest.mark.parametrize("trunk", sorted(TRUNKS))
+def test_generated_script_runs_with_only_the_allowed_packages(small_data, tmp_path, trunk):
+    recipe = tiny_recipe("train.max_steps=3", "ttt.enabled=true", *TRUNKS[trunk])
     script = tmp_path / "records" / "train_gpt.py"
     script.parent.mkdir()
     nbytes = write_train_gpt(recipe, script)
@@ -65,3 +74,20 @@ def test_code_bytes_count_the_embedded_recipe():
     b = tiny_recipe("model.num_layers=12")  # one more digit in the embedded recipe JSON
     assert generated_code_bytes(b) == generated_code_bytes(a) + 1
     assert 20_000 < generated_code_bytes(a) < 200_000
+
+
+def test_the_script_carries_only_the_parts_its_recipe_uses():
+    sidecar = set(runtime_modules(load_recipe("sidecar48")))
+    recurrent = set(runtime_modules(load_recipe("depth_recurrent")))
+    assert {"pipeline/model/gpt.py", "pipeline/model/parts/sidecar.py", "pipeline/submission.py",
+            "pipeline/stages/train.py", "eval/scorer.py", "pipeline/model/parts/__init__.py"} <= sidecar
+    assert not any("recurrent" in m for m in sidecar)
+    seed_parts = {"pipeline/model/parts/true_evolving.py", "pipeline/model/parts/elita.py",
+                  "pipeline/model/parts/orthopar.py", "pipeline/model/parts/normalizers.py"}
+    assert not seed_parts & sidecar
+    assert "pipeline/model/parts/true_evolving.py" in runtime_modules(load_recipe("true_evolving"))
+    assert "pipeline/model/parts/normalizers.py" in runtime_modules(load_recipe("shiftmax_mix"))
+    assert {"pipeline/model/recurrent.py", "pipeline/model/recurrent_parts.py"} <= recurrent
+    assert "pipeline/model/gpt.py" not in recurrent
+    # nothing the submission may not import: the CLI, recipe loading, packaging and plots stay out
+    assert not {"pipeline/cli.py", "pipeline/recipe.py", "pipeline/stages/package.py", "pipeline/report.py"} & sidecar
