@@ -84,3 +84,12 @@ def test_too_small_and_bad_sizes(shards):
         loader.next_batch(6)
     with pytest.raises(UserError, match="does not fit"):
         loader.load_state_dict({"shard": 3, "pos": 0, "tokens_served": 0})
+
+
+def test_a_size_given_at_construction_serves_next_batch_without_one(shards):
+    fixed, asked = SequentialLoader(shards, seq_len=4, local_tokens=8), SequentialLoader(shards, seq_len=4)
+    for _ in range(4):  # 4 x 9 tokens: past the wrap-around at 30
+        a, b = fixed.next_batch(), asked.next_batch(8)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="local_tokens"):
+        asked.next_batch()

@@ -28,13 +28,15 @@ from pipeline.errors import UserError
 
 
 class SequentialLoader:
-    def __init__(self, shard_paths: Sequence[Path], seq_len: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, shard_paths: Sequence[Path], seq_len: int, rank: int = 0, world_size: int = 1,
+                 local_tokens: int | None = None):
         if not shard_paths:
             raise UserError("the training loader got no shard files; run `pgolf data prepare` first.")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.paths = sorted(Path(p) for p in shard_paths)
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
+        self.local_tokens = local_tokens  # the trainer's fixed micro-batch; next_batch() then needs no size
         # Header reads are cheap and catch a broken shard now rather than hours into a run.
         self.sizes = [read_header(p) for p in self.paths]
         self.total_tokens = sum(self.sizes)
@@ -64,7 +66,10 @@ class SequentialLoader:
             n -= k
         return pieces
 
-    def next_batch(self, local_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, local_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        local_tokens = self.local_tokens if local_tokens is None else local_tokens
+        if local_tokens is None:
+            raise ValueError("next_batch() needs local_tokens, here or at construction")
         if local_tokens <= 0 or local_tokens % self.seq_len:
             raise UserError(
                 f"tokens per rank per micro-step ({local_tokens}) must be a positive multiple of "

@@ -92,13 +92,15 @@ class MicroStepLoaders:
             ld.close()
 
 
-def make_loader(recipe: Recipe, shard_paths, dist_info: DistInfo, accum: int):
+def make_loader(recipe: Recipe, shard_paths, dist_info: DistInfo, accum: int, local_tokens: int):
+    """The recipe's training loader; either kind serves one micro-batch per `next_batch()`."""
     t = recipe.train
     if t.loader == "coprime":
         return MicroStepLoaders(recipe, shard_paths, dist_info, accum)
     from pipeline.data.loader import SequentialLoader
 
-    return SequentialLoader(shard_paths, t.seq_len, rank=dist_info.rank, world_size=dist_info.world_size)
+    return SequentialLoader(shard_paths, t.seq_len, rank=dist_info.rank, world_size=dist_info.world_size,
+                            local_tokens=local_tokens)
 
 
 def training_config(recipe: Recipe) -> dict:
@@ -146,10 +148,7 @@ class Trainer:
         # mode=hypergradient's learned per-tensor scalars: checkpointed like the optimizers.
         self.grad_state = GradConditioningState()
         self.shard_paths = list(shard_paths)
-        self.loader = make_loader(recipe, self.shard_paths, dist_info, self.accum)
-        # The sequential loader is told each micro-batch's size; the coprime one fixes it up front.
-        self.next_batch = (self.loader.next_batch if t.loader == "coprime"
-                           else lambda: self.loader.next_batch(self.local_tokens))
+        self.loader = make_loader(recipe, self.shard_paths, dist_info, self.accum, self.local_tokens)
         use_compile = t.compile == "on" or (t.compile == "auto" and dist_info.device.type == "cuda")
         loss_module = _LossModule(self.model)
         self.step_model = torch.compile(loss_module) if use_compile else loss_module
@@ -226,7 +225,7 @@ class Trainer:
         apply_schedule(self.optimizers, lr_mul, muon_momentum(self.step, r.optim))
         total = torch.zeros((), device=self.dist.device)
         for micro in range(self.accum):
-            x, y = self.next_batch()
+            x, y = self.loader.next_batch()
             x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
             sync = micro == self.accum - 1 or not isinstance(self.step_model, DistributedDataParallel)
             ctx = self.step_model.no_sync() if not sync else _null()
