@@ -70,3 +70,21 @@ def tiny_recipe(*extra: str, name: str = "tiny", seed: int | None = None):
     from pipeline.recipe import load_recipe
 
     return load_recipe(name, list(TINY_SETS) + list(extra), seed)
+
+
+def make_trainer(recipe, data, out, progress=None):
+    """A CPU Trainer on `data`'s training shards that logs nowhere."""
+    from pipeline.data.shards import list_shards
+    from pipeline.distributed import init
+    from pipeline.stages.train import Trainer
+
+    return Trainer(recipe, list_shards(data, "train"), out, init("cpu"), log=lambda s: None, progress=progress)
+
+
+def interrupt_at(step_to_stop: int):
+    """A progress callback that raises KeyboardInterrupt (Ctrl-C) once `step_to_stop` is reached."""
+    def progress(step, total, rec):
+        if step == step_to_stop:
+            raise KeyboardInterrupt
+
+    return progress

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_recipe
+from conftest import interrupt_at, make_trainer, tiny_recipe
 from pipeline.config import GradConditioningConfig as Cfg
 from pipeline.config import GradConditioningRule as Rule
 from pipeline.data.shards import list_shards
@@ -165,24 +165,12 @@ def test_state_dict_round_trip_restores_exactly():
 # ----------------------------------------------------------------------------- in training
 
 
-def _trainer(recipe, data, out, progress=None):
-    return Trainer(recipe, list_shards(data, "train"), out, init("cpu"), log=lambda s: None, progress=progress)
-
-
-def _interrupt_at(step_to_stop: int):
-    def progress(step, total, rec):
-        if step == step_to_stop:
-            raise KeyboardInterrupt
-
-    return progress
-
-
 def _interrupted_then_resumed(recipe, data, out):
-    first = _trainer(recipe, data, out, progress=_interrupt_at(6))
+    first = make_trainer(recipe, data, out, progress=interrupt_at(6))
     with pytest.raises(KeyboardInterrupt):
         first.run()
     assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == 6
-    second = _trainer(recipe, data, out)
+    second = make_trainer(recipe, data, out)
     assert second.run().resumed_from == 6
     return second
 
@@ -193,7 +181,7 @@ def _same_weights(a, b) -> bool:
 
 def test_hypergradient_run_resumes_bitwise(small_data, tmp_path, one_thread):
     recipe = tiny_recipe(*HYPER)
-    full = _trainer(recipe, small_data, tmp_path / "full")
+    full = make_trainer(recipe, small_data, tmp_path / "full")
     full.run()
     scales = torch.stack(list(full.grad_state.scale.values()))
     assert (scales != 1.0).all()  # the scalars moved: the resume below has state to carry
@@ -208,7 +196,7 @@ def test_hypergradient_run_resumes_bitwise(small_data, tmp_path, one_thread):
 def test_resume_without_restoring_the_state_diverges(small_data, tmp_path, one_thread, monkeypatch):
     # The control for the test above: dropping the conditioning state on resume must show.
     recipe = tiny_recipe(*HYPER)
-    full = _trainer(recipe, small_data, tmp_path / "full")
+    full = make_trainer(recipe, small_data, tmp_path / "full")
     full.run()
     monkeypatch.setattr(GradConditioningState, "load_state_dict", lambda self, state: None)
     resumed = _interrupted_then_resumed(recipe, small_data, tmp_path / "resumed")
@@ -216,9 +204,9 @@ def test_resume_without_restoring_the_state_diverges(small_data, tmp_path, one_t
 
 
 def test_priming_leaves_no_trace_in_the_state(small_data, tmp_path, one_thread):
-    plain = _trainer(tiny_recipe("train.max_steps=5", *HYPER), small_data, tmp_path / "plain")
+    plain = make_trainer(tiny_recipe("train.max_steps=5", *HYPER), small_data, tmp_path / "plain")
     plain.run()
-    primed = _trainer(tiny_recipe("train.max_steps=5", "train.prime_steps=3", *HYPER), small_data,
+    primed = make_trainer(tiny_recipe("train.max_steps=5", "train.prime_steps=3", *HYPER), small_data,
                       tmp_path / "primed")
     primed.run()
     assert _same_weights(plain, primed)

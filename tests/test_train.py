@@ -9,24 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_recipe
-from pipeline.data.shards import list_shards
-from pipeline.distributed import init
+from conftest import interrupt_at, make_trainer, tiny_recipe
 from pipeline.errors import NonFiniteLossError
 from pipeline.model.gpt import UNetGPT
-from pipeline.stages.train import CHECKPOINT, Trainer
-
-
-def _trainer(recipe, data, out, progress=None):
-    return Trainer(recipe, list_shards(data, "train"), out, init("cpu"), log=lambda s: None, progress=progress)
-
-
-def _interrupt_at(step_to_stop: int):
-    def progress(step, total, rec):
-        if step == step_to_stop:
-            raise KeyboardInterrupt
-
-    return progress
+from pipeline.stages.train import CHECKPOINT
 
 
 @pytest.mark.parametrize("loader", ["sequential", "coprime"])
@@ -34,15 +20,15 @@ def test_resume_after_interrupt_matches_uninterrupted_run(small_data, tmp_path, 
     # checkpoint_every=4 and an interruption at step 6: the Ctrl-C checkpoint (step 6), not the
     # periodic one, must carry the run, including optimizer moments, EMA, loader and RNG.
     recipe = tiny_recipe(f"train.loader={loader}", "train.coprime.queue_depth=2")
-    full = _trainer(recipe, small_data, tmp_path / "full")
+    full = make_trainer(recipe, small_data, tmp_path / "full")
     full.run()
 
-    first = _trainer(recipe, small_data, tmp_path / "resumed", progress=_interrupt_at(6))
+    first = make_trainer(recipe, small_data, tmp_path / "resumed", progress=interrupt_at(6))
     with pytest.raises(KeyboardInterrupt):
         first.run()
     saved = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)
     assert saved["step"] == 6
-    second = _trainer(recipe, small_data, tmp_path / "resumed")
+    second = make_trainer(recipe, small_data, tmp_path / "resumed")
     result = second.run()
 
     assert result.resumed_from == 6 and result.steps == recipe.train.max_steps
@@ -62,7 +48,7 @@ def test_nan_loss_stops_names_step_and_keeps_checkpoint(small_data, tmp_path, mo
         return (loss * float("nan") if step >= 6 else loss), aux
 
     monkeypatch.setattr(UNetGPT, "training_loss", poisoned)
-    trainer = _trainer(recipe, small_data, tmp_path)
+    trainer = make_trainer(recipe, small_data, tmp_path)
     with pytest.raises(NonFiniteLossError) as e:
         trainer.run()
     msg = str(e.value)
@@ -73,20 +59,21 @@ def test_nan_loss_stops_names_step_and_keeps_checkpoint(small_data, tmp_path, mo
 
 
 def test_checkpoint_from_another_configuration_starts_fresh_and_keeps_the_old_one(small_data, tmp_path):
-    _trainer(tiny_recipe("train.max_steps=4"), small_data, tmp_path).run()
-    result = _trainer(tiny_recipe("train.max_steps=4", "optim.matrix_lr=0.01"), small_data, tmp_path).run()
+    make_trainer(tiny_recipe("train.max_steps=4"), small_data, tmp_path).run()
+    result = make_trainer(tiny_recipe("train.max_steps=4", "optim.matrix_lr=0.01"), small_data, tmp_path).run()
     assert result.resumed_from is None and result.steps == 4
     assert torch.load(tmp_path / "ckpt.stale.pt", weights_only=False)["step"] == 4
     # an eval-only change resumes (here: finds the run complete) instead of retraining
-    again = _trainer(tiny_recipe("train.max_steps=4", "optim.matrix_lr=0.01", "eval.stride=8"), small_data, tmp_path)
+    recipe = tiny_recipe("train.max_steps=4", "optim.matrix_lr=0.01", "eval.stride=8")
+    again = make_trainer(recipe, small_data, tmp_path)
     assert again.run().resumed_from == 4
 
 
 def test_priming_steps_leave_no_trace(small_data, tmp_path):
     """PR #684's 20 compile-priming steps: model, optimizer, EMA, loader and RNG are restored."""
-    plain = _trainer(tiny_recipe("train.max_steps=5"), small_data, tmp_path / "plain")
+    plain = make_trainer(tiny_recipe("train.max_steps=5"), small_data, tmp_path / "plain")
     plain.run()
-    primed = _trainer(tiny_recipe("train.max_steps=5", "train.prime_steps=3"), small_data, tmp_path / "primed")
+    primed = make_trainer(tiny_recipe("train.max_steps=5", "train.prime_steps=3"), small_data, tmp_path / "primed")
     result = primed.run()
     assert result.steps == 5 and result.tokens_seen == 5 * 256
     for (k, a), b in zip(plain.model.state_dict().items(), primed.model.state_dict().values()):
