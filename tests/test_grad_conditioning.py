@@ -184,7 +184,9 @@ def test_hypergradient_run_resumes_bitwise(small_data, tmp_path, one_thread):
     full = make_trainer(recipe, small_data, tmp_path / "full")
     full.run()
     scales = torch.stack(list(full.grad_state.scale.values()))
-    assert (scales != 1.0).all()  # the scalars moved: the resume below has state to carry
+    # The scalars moved, so the resume below has state to carry. Not every one: on a tensor
+    # whose <g_t, g_{t-1}> is tiny the fp32 increment to s = 1 can round away entirely.
+    assert (scales != 1.0).sum() >= len(scales) // 2
 
     resumed = _interrupted_then_resumed(recipe, small_data, tmp_path / "resumed")
     assert _same_weights(full, resumed)
