@@ -33,7 +33,6 @@ from typing import Callable
 
 import torch
 
-from pipeline.config import ModelConfig
 from pipeline.model.registry import register
 
 EPS = 1e-6
@@ -62,22 +61,7 @@ def shiftmax_recon_sq(z: torch.Tensor, dim: int) -> torch.Tensor:
     return _normalise((z - z.amin(dim, keepdim=True)).square() + EPS, dim)
 
 
-# The factories ignore cfg: EPS and TAU are fixed above, not recipe knobs.
-@register("normalizer", "softmax")
-def _softmax(cfg: ModelConfig) -> Normalizer:
-    return softmax
-
-
-@register("normalizer", "shiftmax_recon_min")
-def _recon_min(cfg: ModelConfig) -> Normalizer:
-    return shiftmax_recon_min
-
-
-@register("normalizer", "shiftmax_recon_relu")
-def _recon_relu(cfg: ModelConfig) -> Normalizer:
-    return shiftmax_recon_relu
-
-
-@register("normalizer", "shiftmax_recon_sq")
-def _recon_sq(cfg: ModelConfig) -> Normalizer:
-    return shiftmax_recon_sq
+# Each map is registered under its own function name. The factories ignore cfg: EPS and TAU
+# are fixed above, not recipe knobs.
+for _fn in (softmax, shiftmax_recon_min, shiftmax_recon_relu, shiftmax_recon_sq):
+    register("normalizer", _fn.__name__)(lambda cfg, fn=_fn: fn)
