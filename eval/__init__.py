@@ -1,16 +1,17 @@
 """pgolf's scorer: byte tables, evaluation windows, bpb, and the TTT drivers.
 
 This package is part of the runtime bundled into the self-contained submission script, so it
-imports only the standard library, torch, numpy, sentencepiece, `pipeline.config` and
-`pipeline.errors`.
+imports only the standard library, torch, numpy, sentencepiece and, from pipeline, nothing but
+plain types: `pipeline.config` (config dataclasses) and `pipeline.errors` (exception classes).
+The pipeline imports eval, never the other way round.
 
     from eval import ByteTables, evaluate, score_first_ttt
     tables = ByteTables.from_sentencepiece("tokenizer.model", vocab_size=1024)
     res = evaluate(model, val_tokens, tables, recipe.eval, device)   # res.val_bpb
 
-Modules: `byte_tables` (tokens -> bytes), `windows` (which targets each forward scores),
-`scorer` (float64 sums, one all-reduce), `ttt` (score-first TTT, PR #684's illegal variant,
-and the score-before-update checker).
+Modules: `byte_tables` (tokens -> bytes), `sp_model` (a SentencePiece model's settings),
+`windows` (which targets each forward scores), `scorer` (float64 sums, one all-reduce), `ttt`
+(score-first TTT, PR #684's illegal variant, and the score-before-update checker).
 """
 
 from eval.byte_tables import ByteTables

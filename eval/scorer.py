@@ -2,9 +2,10 @@
 
 `evaluate` truncates the stream (pg_mechanics.md §2.5.5), builds the windows of
 `EvalConfig.mode` (see eval.windows), scores this rank's contiguous share of them in batches,
-and sums nats, scored tokens and their bytes (eval.byte_tables) in float64. With
-torch.distributed initialised the three sums (plus the top-1 count) go through ONE
-all_reduce(SUM); per-rank bpbs are never averaged (§2.5.7). Then
+and sums nats, scored tokens and their bytes (eval.byte_tables: the table formula, or the
+byte sidecar's entry at each scored position when the tables carry one, pg_mechanics.md §2.7)
+in float64. With torch.distributed initialised the three sums (plus the top-1 count) go
+through ONE all_reduce(SUM); per-rank bpbs are never averaged (§2.5.7). Then
     val_loss = nats / tokens          val_bpb = nats / (bytes * ln 2).
 
 `model_fn(ids [B, T] int64) -> logits [B, T, V]` is any causal callable (an nn.Module, or a
@@ -104,7 +105,9 @@ def score_tokens(model_fn, tokens, tables: ByteTables, windows: Windows, device,
     Windows are batched `batch_seqs` at a time and right-padded to the longest window, so the
     shapes stay fixed for compiled models; padding sits after every real position of its row
     and is never scored, so a causal model's scored logits do not see it. `progress(done,
-    total)` is called after each batch with counts of windows.
+    total)` is called after each batch with counts of windows. With a byte sidecar attached
+    to `tables`, `tokens` must be (a prefix of) the stream it belongs to: each scored target
+    counts the sidecar's entry at its stream position.
     """
     if batch_seqs < 1:
         raise UserError(f"eval.batch_seqs must be >= 1, got {batch_seqs}")
@@ -112,6 +115,8 @@ def score_tokens(model_fn, tokens, tables: ByteTables, windows: Windows, device,
     tok = as_token_tensor(tokens, device)
     tables = tables.to(device)
     n = tok.numel()
+    if tables.token_bytes is not None and n > tables.token_bytes.numel():
+        tables.check_stream(n)  # raises: the sidecar is shorter than the stream
     total = len(windows)
     if total and int(windows.last_targets.max()) >= n:
         raise ValueError("a window reaches past the end of the token stream")
@@ -140,7 +145,7 @@ def score_tokens(model_fn, tokens, tables: ByteTables, windows: Windows, device,
             sel_tgt = tgt[scored]
             # per-token CE in float32, summed in float64 (a float32 sum drifts over ~62M)
             nll = F.cross_entropy(sel_logits, sel_tgt, reduction="none").to(torch.float64).sum()
-            nbytes = tables.target_bytes(ids[scored], sel_tgt).sum()
+            nbytes = tables.scored_bytes((pos + 1)[scored], ids[scored], sel_tgt).sum()
             sums += torch.stack([nll, nbytes.to(torch.float64)])
             hits = (sel_logits.argmax(dim=-1) == sel_tgt).sum()
             counts += torch.stack([scored.sum(), hits])
@@ -165,7 +170,10 @@ def all_reduce_result(result: EvalResult, device) -> EvalResult:
 
 
 def prepare_stream(tokens, tables: ByteTables, seq_len: int, device) -> torch.Tensor:
-    """The truncated (§2.5.5), range-checked stream as int64 on `device`."""
+    """The truncated (§2.5.5), range-checked stream as int64 on `device`. `tokens` is the
+    whole validation stream: a byte sidecar on `tables` must have one count per token of it
+    (UserError otherwise), and is truncated with it by position."""
+    tables.check_stream(len(tokens))
     n = truncate_for_eval(len(tokens), seq_len)
     tok = as_token_tensor(tokens[:n], device)
     tables.check_ids(tok)

@@ -11,7 +11,9 @@ trains on that chunk's tokens. Every token is scored once, before any update has
 docstring). It exists only so that PR's number can be reproduced and labelled.
 
 Both drivers mutate `model` in place (pass a copy to keep the original) and train with plain
-cross-entropy on `model(ids)` logits, the quantity that is scored. If `events` is a list they
+cross-entropy on `model(ids)` logits, the quantity that is scored. Both count bytes through
+`eval.scorer.score_tokens`, so a byte sidecar attached to `tables` (pg_mechanics.md §2.7) is
+what every scored target counts, in every eval mode. If `events` is a list they
 append ("score", chunk, first_target, last_target) and ("update", chunk_or_epoch, first_token,
 last_token) records (stream positions, inclusive; ranges are global over ranks), and
 `check_score_before_update(events)` lists every violation of score-before-update.
@@ -97,6 +99,7 @@ def score_first_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConfig, ttt
         raise UserError(f"ttt.chunk_tokens ({chunk}) must be >= eval.seq_len ({seq_len}): "
                         "TTT trains on whole sequences cut from each chunk")
     tok = prepare_stream(tokens, tables, seq_len, device)
+    tables = tables.to(device)  # once, not per chunk: a byte sidecar is as long as the stream
     total = tok.numel() - 1  # targets
     if eval_cfg.mode == "sliding":
         windows = sliding_windows(tok.numel(), seq_len, eval_cfg.stride)
@@ -185,7 +188,9 @@ def pre_score_full_val_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConf
     finally:
         restore()
         model.eval()
-    result = evaluate(model, tok, tables, eval_cfg, device, rank, world_size)
+    # the whole stream again (evaluate truncates it the same way), so a byte sidecar, which
+    # has one count per token of the whole stream, still lines up
+    result = evaluate(model, tokens, tables, eval_cfg, device, rank, world_size)
     if events is not None:
         events.append(("score", 0, 1, tok.numel() - 1))
     return result

@@ -1,7 +1,9 @@
 """Byte tables: the bytes behind bpb must match the decoded text (upstream #897/#1719/#1271).
 
 A tiny lossless byte-fallback tokenizer is trained in-process (no files, well under a
-second); the lossy shared sp1024 model is used when ../shared is present.
+second), once without and once with a dummy prefix (whose leading "▁" is conditional); the
+lossy shared sp1024 model is used when ../shared is present. The property over random texts
+and every kind of model is in test_byte_exactness.py; the byte sidecar's use is tested here.
 """
 
 import io
@@ -21,24 +23,33 @@ SP1024 = SHARED / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 BOS, EOS, UNK = 1, 2, 3
 
 
-def _train(lines, vocab_size):
+def _train(lines, vocab_size, dummy_prefix=False):
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, model_type="bpe",
         vocab_size=vocab_size, byte_fallback=True, normalization_rule_name="identity",
-        add_dummy_prefix=False, remove_extra_whitespaces=False, character_coverage=1.0,
+        add_dummy_prefix=dummy_prefix, remove_extra_whitespaces=False, character_coverage=1.0,
         hard_vocab_limit=False, pad_id=0, bos_id=BOS, eos_id=EOS, unk_id=UNK, minloglevel=2)
     return spm.SentencePieceProcessor(model_proto=buf.getvalue())
 
 
-@pytest.fixture(scope="module")
-def sp_lossless():
+def _lines():
     rng = random.Random(0)
     words = ("the quick brown fox jumps over a lazy dog and then runs far away into "
              "woods where nobody sees it").split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice(".,!?")
-             for _ in range(400)]
-    return _train(lines, 320)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice(".,!?")
+            for _ in range(400)]
+
+
+@pytest.fixture(scope="module")
+def sp_lossless():
+    return _train(_lines(), 320)
+
+
+@pytest.fixture(scope="module")
+def sp_dummy():
+    """Lossless too, but every text gets a dummy "▁" before it: a conditional leading space."""
+    return _train(_lines(), 320, dummy_prefix=True)
 
 
 TEXTS = [
@@ -57,12 +68,7 @@ def _stream(sp, texts):
     return out
 
 
-def _starts_with_space_piece(sp, text):
-    ids = sp.encode(text)
-    return bool(ids) and sp.id_to_piece(ids[0]).startswith("\u2581")
-
-
-def test_tables_shape_dtype_and_padding_slots(sp_lossless):
+def test_tables_shape_dtype_and_padding_slots(sp_lossless, sp_dummy):
     tables = ByteTables.from_sentencepiece(sp_lossless, vocab_size=400)
     assert tables.size == 400  # max(sp vocab 320, requested 400)
     assert tables.base_bytes.dtype == torch.int16
@@ -72,58 +78,70 @@ def test_tables_shape_dtype_and_padding_slots(sp_lossless):
         assert int(tables.base_bytes[tid]) == 0 and bool(tables.is_boundary[tid])
     byte_id = sp_lossless.piece_to_id("<0xC3>")
     assert int(tables.base_bytes[byte_id]) == 1 and not bool(tables.is_boundary[byte_id])
+    # No dummy prefix: every "▁" is a real space, always counted (base bytes, no flag).
     sid = sp_lossless.piece_to_id("\u2581")
-    assert int(tables.base_bytes[sid]) == 0 and bool(tables.has_leading_space[sid])
+    assert int(tables.base_bytes[sid]) == 1 and not bool(tables.has_leading_space[sid])
     fox = sp_lossless.piece_to_id("\u2581f")
-    assert int(tables.base_bytes[fox]) == 1 and bool(tables.has_leading_space[fox])
+    assert int(tables.base_bytes[fox]) == 2 and not bool(tables.has_leading_space[fox])
+    assert not bool(tables.has_leading_space.any())
+    # Dummy prefix: the leading "▁" is conditional (flag, not in base bytes).
+    dummy = ByteTables.from_sentencepiece(sp_dummy)
+    sid, fox = sp_dummy.piece_to_id("\u2581"), sp_dummy.piece_to_id("\u2581f")
+    assert int(dummy.base_bytes[sid]) == 0 and bool(dummy.has_leading_space[sid])
+    assert int(dummy.base_bytes[fox]) == 1 and bool(dummy.has_leading_space[fox])
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_lossless_single_document_matches_decoded_utf8(sp_lossless, text):
-    sp = sp_lossless
+@pytest.mark.parametrize("model", ["sp_lossless", "sp_dummy"])
+def test_lossless_single_document_matches_decoded_utf8(request, model, text):
+    sp = request.getfixturevalue(model)
     ids = sp.encode(text)
     assert sp.decode(ids) == text  # the tokenizer really is lossless on this text
     tables = ByteTables.from_sentencepiece(sp)
-    counted = tables.count_bytes([BOS] + ids)
-    # The one documented exception (§2.5.2): a "▁" right after BOS is not counted, because
-    # BOS is a boundary. sp.decode keeps that space, so the count is exactly one byte less.
-    expected = len(text.encode("utf-8")) - int(_starts_with_space_piece(sp, text))
-    assert counted == expected
+    assert tables.count_bytes([BOS] + ids) == len(text.encode("utf-8"))
 
 
-def test_leading_space_after_bos_is_the_only_discount(sp_lossless):
-    sp = sp_lossless
+def test_leading_space_after_bos(sp_lossless, sp_dummy):
+    """A document's leading space is text (counted) unless it is the model's dummy prefix.
+    The challenge's rule drops the first "▁" after BOS whatever it is, which undercounts such
+    a document by one byte with a model that adds no dummy prefix (issue 9)."""
     text = " a leading space right after BOS"
-    assert _starts_with_space_piece(sp, text)
-    tables = ByteTables.from_sentencepiece(sp)
-    ids = sp.encode(text)
-    assert tables.count_bytes([BOS] + ids) == len(text.encode()) - 1
-    # the same text after a normal token keeps its space byte
-    assert tables.count_bytes([BOS] + sp.encode("x") + ids) == 1 + len(text.encode())
+    for sp in (sp_lossless, sp_dummy):
+        ids = sp.encode(text)
+        assert sp.id_to_piece(ids[0]).startswith("\u2581")
+        tables = ByteTables.from_sentencepiece(sp)
+        assert tables.count_bytes([BOS] + ids) == len(text.encode())
+    tables = ByteTables.from_sentencepiece(sp_lossless)
+    ids = sp_lossless.encode(text)
+    assert tables.count_bytes([BOS] + sp_lossless.encode("x") + ids) == 1 + len(text.encode())
+    # with the dummy prefix, the first "▁" after BOS is the dummy, not counted
+    dummy_ids = sp_dummy.encode("a b")
+    assert sp_dummy.id_to_piece(dummy_ids[0]).startswith("\u2581")
+    assert ByteTables.from_sentencepiece(sp_dummy).count_bytes([BOS] + dummy_ids) == 3
 
 
 def test_multi_document_stream_with_control_tokens(sp_lossless):
     sp = sp_lossless
     tables = ByteTables.from_sentencepiece(sp)
     stream = _stream(sp, TEXTS)
-    expected = sum(len(t.encode()) - int(_starts_with_space_piece(sp, t)) for t in TEXTS)
+    expected = sum(len(t.encode()) for t in TEXTS)
     assert tables.count_bytes(stream) == expected
     ids = torch.tensor(stream)
     per = tables.target_bytes(ids[:-1], ids[1:])
     assert per.dtype == torch.int64
     # every BOS target (the "end of document" prediction) contributes 0 bytes
     assert int(per[(ids[1:] == BOS)].sum()) == 0
-    # an EOS in the middle also counts 0 and makes the next "▁" free
+    # an EOS in the middle counts 0; the space after it is text (no dummy prefix here)
     a, b = sp.encode("dog"), sp.encode(" fox")
     with_eos = [BOS] + a + [EOS] + b
-    assert tables.count_bytes(with_eos) == len("dog") + len("fox")
+    assert tables.count_bytes(with_eos) == len("dog") + len(" fox")
     assert tables.count_bytes([BOS] + a + b) == len("dog fox")
 
 
-def test_target_bytes_formula_elementwise(sp_lossless):
-    tables = ByteTables.from_sentencepiece(sp_lossless)
-    sid = sp_lossless.piece_to_id("\u2581the")
-    x = sp_lossless.piece_to_id("x")
+def test_target_bytes_formula_elementwise(sp_dummy):
+    tables = ByteTables.from_sentencepiece(sp_dummy)
+    sid = sp_dummy.piece_to_id("\u2581the")
+    x = sp_dummy.piece_to_id("x")
     prev = torch.tensor([x, BOS, UNK, x])
     tgt = torch.tensor([sid, sid, sid, x])
     assert tables.target_bytes(prev, tgt).tolist() == [4, 3, 3, 1]
@@ -157,7 +175,7 @@ def test_missing_space_piece_is_refused_and_would_miscount():
     sp = _train(["".join(rng.choice("abcdef") for _ in range(30)) for _ in range(100)], 280)
     with pytest.raises(UserError, match="#897"):
         ByteTables.from_sentencepiece(sp)
-    tables = ByteTables.from_sentencepiece(sp, require_space_piece=False)
+    tables = ByteTables.from_sentencepiece(sp, exact=False)
     ids = sp.encode("ab cd")  # the space is spelled as the 3 UTF-8 bytes of "▁"
     assert tables.count_bytes([BOS] + ids) == len("ab cd") + 2
 
@@ -171,3 +189,41 @@ def test_bad_inputs_raise_user_errors(tmp_path, sp_lossless):
     with pytest.raises(UserError, match="different tokenizer"):
         tables.count_bytes(np.array([BOS, 5, 320]))
     assert tables.count_bytes([BOS]) == 0
+
+
+# --- byte sidecars (pg_mechanics.md §2.7) ------------------------------------------------------
+
+
+def test_sidecar_replaces_the_formula_and_says_so(sp_lossless):
+    sp = sp_lossless
+    tables = ByteTables.from_sentencepiece(sp)
+    stream = _stream(sp, ["the fox", "a dog"])
+    counts = np.arange(len(stream)) % 5  # any values: the sidecar is trusted as given
+    counts[np.asarray(stream) == BOS] = 0
+    side = tables.with_token_bytes(counts.astype(np.uint16))
+    assert tables.byte_source == "tables" and side.byte_source == "sidecar"
+    assert side.token_bytes.dtype == torch.int32
+    assert side.count_bytes(stream) == int(counts[1:].sum()) != tables.count_bytes(stream)
+    assert side.count_bytes(stream[:4]) == int(counts[1:4].sum())  # a truncated stream
+    pos = torch.tensor([3, 1, 4])
+    ids = torch.tensor(stream)
+    assert side.scored_bytes(pos, ids[pos - 1], ids[pos]).tolist() == counts[[3, 1, 4]].tolist()
+    assert tables.scored_bytes(pos, ids[pos - 1], ids[pos]).tolist() == \
+        tables.target_bytes(ids[pos - 1], ids[pos]).tolist()
+    with pytest.raises(ValueError, match="sidecar"):
+        side.target_bytes(ids[:-1], ids[1:])  # the formula is never used silently
+
+
+def test_sidecar_errors(sp_lossless):
+    tables = ByteTables.from_sentencepiece(sp_lossless)
+    side = tables.with_token_bytes(np.array([0, 3, 1, 2]))
+    with pytest.raises(UserError, match="4 counts but the validation stream has 6 tokens"):
+        side.check_stream(6)
+    side.check_stream(4)
+    tables.check_stream(6)  # no sidecar: nothing to match
+    with pytest.raises(UserError, match="4 counts"):
+        side.count_bytes([BOS, 5, 6, 7, 8])  # longer than its sidecar
+    with pytest.raises(UserError, match="negative"):
+        tables.with_token_bytes(np.array([0, -1]))
+    with pytest.raises(UserError, match="1-D integer"):
+        tables.with_token_bytes(np.array([0.0, 1.5]))

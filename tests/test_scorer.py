@@ -232,3 +232,48 @@ def test_user_errors():
                  _cfg("sliding"), "cpu")
     with pytest.raises(UserError, match="batch_seqs"):
         score_tokens(zero, _stream(17), tables, Windows(*(np.zeros(1, np.int64),) * 3), "cpu", 0)
+
+
+# --- byte sidecars (pg_mechanics.md §2.7) -------------------------------------------------------
+
+
+def _sidecar(toks, seed=5):
+    """Per-position raw byte counts unrelated to the tables' (BOS 0), as CaseOps ships them."""
+    counts = np.random.default_rng(seed).integers(0, 7, size=len(toks))
+    counts[toks == BOS] = 0
+    return counts.astype(np.uint16)
+
+
+def _scored_positions(windows):
+    return np.concatenate([np.arange(w.first_target, w.last_target + 1) for w in windows])
+
+
+@pytest.mark.parametrize("mode", ["sliding", "nonoverlap", "pr298_all_positions"])
+def test_sidecar_bytes_are_counted_at_every_scored_position(mode):
+    toks = _stream(1 + 6 * 16 + 5)  # 5 tail tokens are dropped by truncation
+    counts = _sidecar(toks)
+    tables = _tables().with_token_bytes(counts)
+    model, cfg = KGram(2), _cfg(mode)
+    res = evaluate(model, toks, tables, cfg, "cpu")
+    n = 1 + 6 * 16
+    wins = {"sliding": lambda: sliding_windows(n, 16, 4), "pr298_all_positions": lambda: pr298_windows(n, 16, 4),
+            "nonoverlap": lambda: sliding_windows(n, 16, 16)}[mode]()
+    expected = int(counts[_scored_positions(wins)].sum())
+    assert res.byte_count == expected
+    plain = evaluate(model, toks, _tables(), cfg, "cpu")
+    assert plain.byte_count != res.byte_count  # the sidecar really replaced the table formula
+    assert (plain.loss_sum, plain.token_count) == (res.loss_sum, res.token_count)
+    if mode != "pr298_all_positions":  # (pr298's windows depend on the world size)
+        assert expected == int(counts[1:n].sum())
+        parts = [evaluate(model, toks, tables, cfg, "cpu", rank=r, world_size=3) for r in range(3)]
+        assert sum(p.byte_count for p in parts) == res.byte_count
+
+
+def test_sidecar_must_match_the_stream():
+    toks = _stream(1 + 2 * 16)
+    zero = lambda ids: torch.zeros(*ids.shape, V)  # noqa: E731
+    short = _tables().with_token_bytes(_sidecar(toks)[:-1])
+    with pytest.raises(UserError, match="32 counts but the validation stream has 33 tokens"):
+        evaluate(zero, toks, short, _cfg("sliding"), "cpu")
+    with pytest.raises(UserError, match="sidecar"):
+        score_tokens(zero, toks, short, sliding_windows(len(toks), 16, 4), "cpu", 2)

@@ -8,9 +8,11 @@ from pipeline.data.shards import (
     MAGIC,
     ShardWriter,
     list_shards,
+    load_byte_sidecar,
     load_shard,
     read_header,
     shard_name,
+    sidecar_name,
     write_shard,
 )
 from pipeline.errors import UserError
@@ -125,3 +127,44 @@ def test_writer_splits_stream_at_shard_size(tmp_path):
     assert [read_header(p) for p in paths] == [5, 5, 3]
     assert np.concatenate([load_shard(p) for p in paths]).tolist() == list(range(1, 14))
     assert w.n_tokens == 13
+
+
+# --- byte sidecars (pg_mechanics.md §1.2, §2.7) ----------------------------------------------
+
+
+def _val_with_sidecars(tmp_path, sizes=(4, 3), sidecars=True):
+    rng = np.random.default_rng(0)
+    counts = []
+    for i, n in enumerate(sizes):
+        write_shard(tmp_path / shard_name("fw", "val", i), rng.integers(0, 300, n))
+        c = rng.integers(0, 9, n)
+        counts.append(c)
+        if sidecars:
+            write_shard(tmp_path / sidecar_name("fw", i), c)
+    return list_shards(tmp_path, "val"), np.concatenate(counts)
+
+
+def test_sidecar_pairs_with_val_shards_in_order(tmp_path):
+    assert sidecar_name("fineweb", 2) == "fineweb_val_bytes_000002.bin"
+    paths, counts = _val_with_sidecars(tmp_path)
+    got = load_byte_sidecar(paths)
+    assert got.dtype == np.uint16 and got.tolist() == counts.tolist()
+
+
+def test_no_sidecar_is_none(tmp_path):
+    paths, _ = _val_with_sidecars(tmp_path, sidecars=False)
+    assert load_byte_sidecar(paths) is None
+
+
+def test_sidecar_missing_extra_or_mismatched_is_refused(tmp_path):
+    paths, _ = _val_with_sidecars(tmp_path)
+    (tmp_path / sidecar_name("fw", 1)).unlink()
+    with pytest.raises(UserError, match="not fw_val_bytes_000001.bin"):
+        load_byte_sidecar(paths)
+    write_shard(tmp_path / sidecar_name("fw", 1), [1, 2])  # 2 counts for 3 tokens
+    with pytest.raises(UserError, match="has 2 counts but fw_val_000001.bin has 3 tokens"):
+        load_byte_sidecar(paths)
+    write_shard(tmp_path / sidecar_name("fw", 1), [1, 2, 3])
+    write_shard(tmp_path / sidecar_name("fw", 2), [1])  # no val shard 2
+    with pytest.raises(UserError, match="fw_val_bytes_000002.bin: byte sidecar without a matching val shard"):
+        load_byte_sidecar(paths)

@@ -6,10 +6,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.tokenizer import (
+    TokenizerSpec,
     check_vocab,
+    chunk_safe,
     is_lossless,
     load_tokenizer,
     normalizer_name,
+    tokenizer_spec,
     train_tokenizer,
 )
 from pipeline.errors import UserError
@@ -78,6 +81,42 @@ def test_special_ids_and_determinism(sp, tmp_path):
 def test_lossless_flags(sp):
     assert normalizer_name(sp) == "identity"
     assert is_lossless(sp)
+    assert chunk_safe(sp)
+    assert tokenizer_spec(sp) == TokenizerSpec(
+        normalizer="identity", add_dummy_prefix=False, remove_extra_whitespaces=False, escape_whitespaces=True,
+        treat_whitespace_as_suffix=False, split_by_whitespace=True, byte_fallback=True)
+
+
+def _spm_model(**options):
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    args = dict(model_type="bpe", vocab_size=300, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(synthetic_text(200).splitlines()), model_writer=buf,
+                                   **{**args, **options})
+    return spm.SentencePieceProcessor(model_proto=buf.getvalue())
+
+
+def test_spec_reads_proto2_defaults_and_set_fields():
+    # sentencepiece's defaults: nmt_nfkc, dummy prefix, trimming, escaped spaces, split words
+    assert tokenizer_spec(_spm_model()) == TokenizerSpec(
+        normalizer="nmt_nfkc", add_dummy_prefix=True, remove_extra_whitespaces=True, escape_whitespaces=True,
+        treat_whitespace_as_suffix=False, split_by_whitespace=True, byte_fallback=False)
+    odd = _spm_model(treat_whitespace_as_suffix=True, split_by_whitespace=False, normalization_rule_name="identity",
+                     byte_fallback=True, remove_extra_whitespaces=False)
+    assert tokenizer_spec(odd) == TokenizerSpec(
+        normalizer="identity", add_dummy_prefix=True, remove_extra_whitespaces=False, escape_whitespaces=True,
+        treat_whitespace_as_suffix=True, split_by_whitespace=False, byte_fallback=True)
+
+
+def test_chunk_safe_needs_no_dummy_prefix_and_no_inner_space():
+    lossless = dict(normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True)
+    assert chunk_safe(_spm_model(add_dummy_prefix=False, **lossless))
+    assert is_lossless(_spm_model(add_dummy_prefix=True, **lossless))  # round-trips, but ...
+    assert not chunk_safe(_spm_model(add_dummy_prefix=True, **lossless))  # ... each part gains a "▁"
+    assert not chunk_safe(_spm_model(add_dummy_prefix=False, treat_whitespace_as_suffix=True, **lossless))
 
 
 def test_challenge_sp1024_is_lossy():
@@ -86,7 +125,9 @@ def test_challenge_sp1024_is_lossy():
         pytest.skip("shared reference folder not present")
     challenge = load_tokenizer(model)
     assert normalizer_name(challenge) == "nmt_nfkc"
-    assert not is_lossless(challenge)
+    assert not is_lossless(challenge) and not chunk_safe(challenge)
+    spec = tokenizer_spec(challenge)
+    assert (spec.add_dummy_prefix, spec.remove_extra_whitespaces, spec.split_by_whitespace) == (False, True, True)
 
 
 def test_check_vocab_message(sp):

@@ -243,3 +243,27 @@ def test_user_errors():
     with pytest.raises(UserError, match="optimizer"):
         score_first_ttt(_model(), _stream(), _tables(), EVAL, _ttt(optimizer="lion"), "cpu")
 
+
+
+@pytest.mark.parametrize("mode", ["sliding", "nonoverlap"])
+def test_both_drivers_count_the_byte_sidecar(mode):
+    """With a sidecar (pg_mechanics.md §2.7) every scored target counts its sidecar entry, in
+    the score-first driver and the flagged PR #684 one alike; the stream carries a tail that
+    eval truncation drops, so the sidecar must be truncated by position with it."""
+    toks = np.concatenate([_stream(), [3, 4, 5]])
+    counts = np.random.default_rng(1).integers(0, 6, size=len(toks)).astype(np.uint16)
+    counts[0] = 0
+    tables = _tables().with_token_bytes(counts)
+    cfg = EvalConfig(seq_len=SEQ, mode=mode, stride=STRIDE, batch_seqs=3)
+    expected = int(counts[1:N].sum())  # the N - 1 targets of the truncated stream
+    plain = score_first_ttt(_model(), toks, _tables(), cfg, _ttt(), "cpu")
+    assert plain.byte_count != expected
+    res = score_first_ttt(_model(), toks, tables, cfg, _ttt(), "cpu")
+    assert (res.token_count, res.byte_count) == (N - 1, expected)
+    assert res.loss_sum == pytest.approx(plain.loss_sum, rel=1e-9)
+    pre = _ttt(mode="pre_score_full_val", epochs=1, batch_seqs=4)
+    with pytest.warns(RuntimeWarning):
+        res = pre_score_full_val_ttt(_model(), toks, tables, cfg, pre, "cpu")
+    assert (res.token_count, res.byte_count) == (N - 1, expected)
+    with pytest.raises(UserError, match="sidecar"):
+        score_first_ttt(_model(), toks, _tables().with_token_bytes(counts[:-1]), cfg, _ttt(), "cpu")

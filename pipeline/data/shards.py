@@ -5,11 +5,17 @@ token count n, then zeros) followed by n little-endian uint16 token ids; the fil
 1024 + 2n bytes. Files are named `{prefix}_{split}_{index:06d}.bin` (the challenge uses the
 prefix `fineweb`), and one split holds at most `SHARD_SIZE` tokens per file.
 
+Byte sidecars (pg_mechanics.md §1.2, §2.7): an export whose tokenizer runs on transformed text
+(CaseOps) adds `{prefix}_val_bytes_{index:06d}.bin` beside each val shard, in the same format,
+holding for each token the raw UTF-8 bytes it stands for (BOS 0). `load_byte_sidecar` pairs
+them with the val shards and returns one array parallel to the val stream.
+
 Use:
     write_shard(path, tokens)            # atomic
     n = read_header(path)                # validates magic, version and file size
     toks = load_shard(path)              # read-only np.memmap of uint16
     paths = list_shards(data_dir, "val")
+    counts = load_byte_sidecar(paths)    # uint16 array parallel to the val stream, or None
     ShardWriter(out_dir, "data", "train") streams documents into consecutive shards.
 """
 
@@ -36,6 +42,11 @@ _TOKEN_DTYPE = np.dtype("<u2")
 
 def shard_name(prefix: str, split: str, index: int) -> str:
     return f"{prefix}_{split}_{index:06d}.bin"
+
+
+def sidecar_name(prefix: str, index: int) -> str:
+    """Name of the byte sidecar of val shard `index` (`{prefix}_val_bytes_{index:06d}.bin`)."""
+    return shard_name(prefix, "val_bytes", index)
 
 
 def write_shard(path: Path, tokens) -> None:
@@ -124,6 +135,54 @@ def list_shards(data_dir: Path, split: str) -> list[Path]:
             f"run `pgolf data prepare` to build them."
         )
     return found
+
+
+_VAL_SHARD_RE = re.compile(r"^(.+)_val_(\d+)\.bin$")
+_SIDECAR_RE = re.compile(r"^(.+)_val_bytes_(\d+)\.bin$")
+
+
+def load_byte_sidecar(val_paths: list[Path]):
+    """The byte sidecar of the val shards `val_paths` (as `list_shards(dir, "val")` returns
+    them), concatenated in the same order: a uint16 array with one entry per val token, or
+    None when the directory has no `*_val_bytes_*.bin` file.
+
+    Each val shard `P_val_NNNNNN.bin` needs `P_val_bytes_NNNNNN.bin` with the same token count.
+    Raises UserError when a sidecar is missing, has no val shard of its own, has a different
+    count, or is not a valid shard file.
+    """
+    val_paths = [Path(p) for p in val_paths]
+    if not val_paths:
+        return None
+    data_dir = val_paths[0].parent
+    present = sorted(p for p in data_dir.glob("*_val_bytes_*.bin") if _SIDECAR_RE.match(p.name))
+    if not present:
+        return None
+    wanted = []
+    for p in val_paths:
+        m = _VAL_SHARD_RE.match(p.name)
+        if m is None or p.parent != data_dir:
+            raise ValueError(f"{p} is not a val shard of {data_dir}")
+        wanted.append(data_dir / f"{m.group(1)}_val_bytes_{m.group(2)}.bin")  # same index digits
+    extra = sorted(set(present) - set(wanted))
+    if extra:
+        raise UserError(
+            f"{extra[0]}: byte sidecar without a matching val shard in {data_dir} (the val shards' "
+            f"sidecars are {', '.join(w.name for w in wanted)}); delete it or add its shard.")
+    missing = [w for w in wanted if not w.is_file()]
+    if missing:
+        raise UserError(
+            f"{data_dir} has byte sidecars (*_val_bytes_*.bin) but not {missing[0].name}, so "
+            f"the bytes of the tokens in {missing[0].name.replace('_val_bytes_', '_val_')} are "
+            f"unknown; copy the complete export (every val shard with its sidecar).")
+    parts = []
+    for shard, side in zip(val_paths, wanted):
+        n_tok, n_side = read_header(shard), read_header(side)
+        if n_tok != n_side:
+            raise UserError(
+                f"{side}: the byte sidecar has {n_side} counts but {shard.name} has {n_tok} "
+                f"tokens; they come from different exports, so re-download or re-export both.")
+        parts.append(np.asarray(load_shard(side), dtype=np.uint16))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
 
 
 class ShardWriter:

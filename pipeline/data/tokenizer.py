@@ -1,26 +1,28 @@
-"""Lossless SentencePiece BPE tokenizers: train, load, and check them.
+"""Lossless SentencePiece BPE tokenizers: train, load, and read their settings.
 
 bpb divides the model's nats by the *bytes the tokens stand for*, computed from the
-tokenizer's piece table (pg_mechanics §2). That count equals the raw UTF-8 size of the text
-only if the tokenizer changes nothing: the challenge's own sp1024 uses the `nmt_nfkc`
-normalizer, which collapses newlines and repeated spaces, so its byte count is of a different
-text. Ours keeps every byte:
+tokenizer's piece table (pg_mechanics §2; `eval.byte_tables` builds that table from the
+settings `tokenizer_spec` reads here and refuses a model it cannot count exactly). That count
+equals the raw UTF-8 size of the text only if the tokenizer changes nothing: the challenge's
+own sp1024 uses the `nmt_nfkc` normalizer, which collapses newlines and repeated spaces, so
+its byte count is of a different text. Ours keeps every byte:
 
 * identity normalization, no whitespace trimming, no dummy prefix;
 * byte fallback, so characters never seen in training become `<0xNN>` pieces (1 byte each);
-* whitespace-only pieces are *not* allowed: a piece like "▁▁▁▁" would be counted by the
-  challenge's byte table as 1 + 9 bytes instead of 4 (it strips only one leading "▁"), so
-  runs of spaces stay single "▁" tokens, whose accounting is exact;
+* whitespace-only pieces are *not* allowed and words are split before every space, so no
+  piece holds a "▁" after its first character: a text cut right before a space encodes to
+  the same tokens as a whole (`chunk_safe`, which `prepare` relies on for huge texts);
 * a standalone "▁" piece must exist (upstream sentencepiece issue #897): it is checked.
 
-Known limit: SentencePiece itself decodes a literal U+2581 ("▁") in the input as a space, so
-text containing that character does not round-trip; `prepare` records whether the validation
-text round-trips exactly.
+Known limit: SentencePiece itself reads a literal U+2581 ("▁") in the input as a space, so
+text containing that character does not round-trip (and counts 1 byte instead of 3);
+`prepare` records whether the validation text round-trips exactly.
 
 Use:
     sp_path = train_tokenizer(text, 1024, Path("tokenizer.model"))
     sp = load_tokenizer(sp_path); check_vocab(sp, recipe.model.vocab_size, sp_path)
-    is_lossless(sp)  # False for the challenge's sp1024
+    is_lossless(sp)           # False for the challenge's sp1024
+    tokenizer_spec(sp)        # TokenizerSpec(normalizer='identity', add_dummy_prefix=False, ...)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from eval.sp_model import TokenizerSpec, _proto_fields, tokenizer_spec  # noqa: F401  (re-exported)
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write
 
@@ -126,8 +129,8 @@ def train_tokenizer_docs(docs: Iterable[str], vocab_size: int, out_path: Path) -
     inner = [sp.id_to_piece(i) for i in range(sp.vocab_size()) if SPACE_PIECE in sp.id_to_piece(i)[1:]]
     if inner:
         # Guaranteed by allow_whitespace_only_pieces=False with whitespace splitting; a failure
-        # means a sentencepiece change broke the byte-table assumption.
-        raise RuntimeError(f"pieces with an inner '{SPACE_PIECE}' break byte accounting: {inner[:5]}")
+        # means a sentencepiece change broke what `prepare`'s chunked encoding relies on.
+        raise RuntimeError(f"pieces with an inner '{SPACE_PIECE}' make chunked encoding inexact: {inner[:5]}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, proto)
     return out_path
@@ -167,49 +170,13 @@ def check_vocab(sp: spm.SentencePieceProcessor, expected_vocab: int, source) -> 
         )
 
 
-# --- reading the model proto without protobuf -------------------------------------------------
-# protobuf is not a dependency, and we need only one string, so walk the wire format by hand.
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, object]]:
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i : i + n], i + n
-        elif wire == 5:
-            value, i = buf[i : i + 4], i + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, value
+# The model's settings (TokenizerSpec, read from its proto without protobuf) live beside the byte
+# tables that depend on them, in eval.sp_model; re-exported here for the data side.
 
 
 def normalizer_name(sp: spm.SentencePieceProcessor) -> str:
     """The normalizer rule a model was trained with ("identity", "nmt_nfkc", ...)."""
-    # ModelProto field 3 is normalizer_spec; NormalizerSpec field 1 is its name.
-    for number, value in _proto_fields(sp.serialized_model_proto()):
-        if number == 3:
-            for inner_number, inner in _proto_fields(value):
-                if inner_number == 1:
-                    return inner.decode("utf-8")
-    return ""
+    return tokenizer_spec(sp).normalizer
 
 
 def is_lossless(sp: spm.SentencePieceProcessor) -> bool:
@@ -218,3 +185,20 @@ def is_lossless(sp: spm.SentencePieceProcessor) -> bool:
     if normalizer_name(sp) != "identity":
         return False
     return sp.decode(sp.encode(_PROBE)) == _PROBE
+
+
+def chunk_safe(sp: spm.SentencePieceProcessor) -> bool:
+    """True if encoding a text in parts cut right before a space gives exactly the tokens of the
+    whole text, so `prepare` may encode a huge text in chunks.
+
+    That needs: a lossless model (no normalization that could see across the cut); no dummy
+    prefix and no whitespace trimming (each part would gain a "▁" or lose its leading space);
+    and no piece with a "▁" after its first character (only such a piece could span a cut made
+    before a space; suffix-"▁" models and split_by_whitespace=false models have them). Then no
+    piece crosses the cut and BPE merges or unigram paths of the two sides are independent."""
+    spec = tokenizer_spec(sp)
+    if spec.add_dummy_prefix or spec.remove_extra_whitespaces or not spec.escape_whitespaces:
+        return False
+    if any(SPACE_PIECE in sp.id_to_piece(i)[1:] for i in range(sp.vocab_size())):
+        return False
+    return is_lossless(sp)
