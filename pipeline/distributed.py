@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,9 +36,13 @@ def init(device: str = "auto") -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
+    if str(device).startswith("cuda"):
+        index = int(str(device).split(":", 1)[1]) if ":" in str(device) else local
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} visible CUDA "
+                            f"device(s); use --device cpu, or run where that GPU exists.")
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device(device)
     if world > 1 and not dist.is_initialized():
@@ -48,6 +54,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (a no-op for one process)."""
+    if info.world_size > 1 and dist.is_initialized():
+        dist.barrier()
 
 
 def all_reduce_max(value: float, device) -> float:
@@ -63,3 +75,12 @@ def all_reduce_mean_(tensors, world_size: int) -> None:
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t.div_(world_size)
+
+
+def broadcast_from_main(info: DistInfo, obj):
+    """Rank 0's `obj` on every rank (other ranks pass anything); a plain return for one process."""
+    if info.world_size == 1 or not dist.is_initialized():
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

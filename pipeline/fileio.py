@@ -35,6 +35,11 @@ def write_json_atomic(path, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def canonical_hash(obj: Any) -> str:
+    """sha256 of an object's canonical JSON (sorted keys): the same content, the same key."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

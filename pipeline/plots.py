@@ -1,4 +1,8 @@
-"""The run's picture: training loss by step beside val bpb at each scoring stage (report.png)."""
+"""Pictures a person would rather look at than read.
+
+    plot_run(report, history, "report.png")     # one run: training loss, bpb at each stage
+    plot_records(seed_logs, records_folder)     # a submission: per-seed loss, bpb by stage, bytes by group
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,10 @@ def plot_run(report: dict, history: list, out_path: Path) -> Path:
     ax_bpb.set_ylim(lo * 0.95, max(values) * 1.03)
     ax_bpb.set(ylabel="val bpb", title=f"{report['eval_mode']} eval; {report['bytes_total']:,} bytes total")
     ax_bpb.grid(axis="y", alpha=0.3)
+    return _save(fig, out_path)
+
+
+def _save(fig, out_path) -> Path:
     fig.tight_layout()
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.stem + ".tmp.png")
@@ -39,3 +47,45 @@ def plot_run(report: dict, history: list, out_path: Path) -> Path:
     plt.close(fig)
     tmp.replace(out_path)
     return out_path
+
+
+def plot_records(logs, folder) -> list[Path]:
+    """Three PNGs in a records folder, drawn from the seeds' own train_gpt.py logs
+    (`pipeline.records.SeedLog`): train_loss.png, bpb_by_stage.png, artifact_bytes.png."""
+    folder = Path(folder)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for log in logs:
+        if log.losses:
+            ax.plot(*zip(*log.losses), lw=1.0, label=f"seed {log.seed}")
+    ax.set(xlabel="step", ylabel="training loss (nats/token)", title="training loss per seed (logged steps)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths = [_save(fig, folder / "train_loss.png")]
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    stages = [("pre-quant", "val_bpb_prequant"), ("roundtrip", "val_bpb_roundtrip"), ("TTT", "val_bpb_ttt")]
+    stages = [(label, key) for label, key in stages if all(log.figures.get(key) is not None for log in logs)]
+    width = 0.8 / max(len(logs), 1)
+    for i, log in enumerate(logs):
+        xs = [j + i * width for j in range(len(stages))]
+        ax.bar(xs, [log.figures[key] for _, key in stages], width, label=f"seed {log.seed}")
+    ax.set_xticks([j + width * (len(logs) - 1) / 2 for j in range(len(stages))], [label for label, _ in stages])
+    values = [log.figures[key] for log in logs for _, key in stages]
+    ax.set_ylim(min(values) * 0.98, max(values) * 1.01)
+    ax.set(ylabel="val bpb", title="bpb at each stage (read back from the artifact but pre-quant)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, folder / "bpb_by_stage.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    groups = sorted({g for log in logs for g in log.groups})
+    for i, log in enumerate(logs):
+        xs = [j + i * width for j in range(len(groups))]
+        ax.bar(xs, [log.groups.get(g, 0) for g in groups], width, label=f"seed {log.seed}")
+    ax.set_xticks([j + width * (len(logs) - 1) / 2 for j in range(len(groups))], groups)
+    totals = ", ".join(f"{log.figures['bytes_total']:,}" for log in logs)
+    ax.set(ylabel="bytes (each group compressed alone)", title=f"artifact bytes by tensor group; totals {totals}")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, folder / "artifact_bytes.png"))
+    return paths

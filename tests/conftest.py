@@ -24,6 +24,20 @@ TINY_SETS = (
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """pgolf's cache (file hashes, the embedded corpus) in a temporary folder, never the checkout's."""
+    import os
+
+    old = os.environ.get("PGOLF_CACHE")
+    os.environ["PGOLF_CACHE"] = str(tmp_path_factory.mktemp("pgolf_cache"))
+    yield
+    if old is None:
+        os.environ.pop("PGOLF_CACHE", None)
+    else:
+        os.environ["PGOLF_CACHE"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     no_gpu = torch.cuda.device_count() == 0
     for item in items:
@@ -82,9 +96,12 @@ def make_trainer(recipe, data, out, progress=None):
 
 
 def interrupt_at(step_to_stop: int):
-    """A progress callback that raises KeyboardInterrupt (Ctrl-C) once `step_to_stop` is reached."""
+    """A progress callback that sends this process SIGINT (Ctrl-C) once `step_to_stop` is reached;
+    the trainer stops at the next step boundary and raises KeyboardInterrupt."""
+    import signal
+
     def progress(step, total, rec):
         if step == step_to_stop:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
 
     return progress

@@ -71,6 +71,12 @@ def assert_user_error(proc, *fragments):
         assert f in message, message
 
 
+def run_dir_of(out_root: Path, recipe: str = "tiny", seed: int = 1337) -> Path:
+    """The one run folder `<out>/<recipe>/<data tag>/seed<seed>` under `out_root`."""
+    (found,) = list((Path(out_root) / recipe).glob(f"*/seed{seed}"))
+    return found
+
+
 @pytest.fixture(scope="module")
 def finished_run(small_data, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("run")
@@ -84,7 +90,9 @@ def test_run_writes_report_and_final_line(finished_run):
     last = proc.stdout.strip().splitlines()[-1]
     m = FINAL.match(last)
     assert m, last
-    run_dir = cwd / "artifacts" / "tiny" / "seed1337"
+    run_dir = run_dir_of(cwd / "artifacts")
+    assert run_dir.parent.name.startswith("prepared-")  # the data tag: dir name + content hash
+    assert f"run_dir={run_dir}" in proc.stdout
     report = json.loads((run_dir / "report.json").read_text())
     required = ("val_bpb val_loss val_bpb_prequant val_bpb_roundtrip val_bpb_ttt ttt_compliant params bytes_model "
                 "bytes_code bytes_total steps train_time_s eval_time_s tokens_seen val_tokens val_bytes device "
@@ -96,15 +104,15 @@ def test_run_writes_report_and_final_line(finished_run):
     assert report["ttt_compliant"] is True and report["causal"] is True
     assert report["steps"] == 12 and report["tokens_seen"] == 12 * 256
     # bytes on disk are what the report says
-    assert (run_dir / "package" / "model.bin").stat().st_size == report["bytes_model"]
+    assert (run_dir / "export" / "model.bin").stat().st_size == report["bytes_model"]
     # val_bpb is nats / (bytes ln 2) of the scored targets
     nats = report["val_loss"] * report["val_tokens"]
     assert report["val_bpb"] == pytest.approx(nats / (report["val_bytes"] * np.log(2)))
     assert (run_dir / "report.png").stat().st_size > 10_000
     assert "step=4/12 loss=" in (run_dir / "train.log").read_text()
-    for stage in ("train", "package", "evaluate"):
+    for stage in ("train", "export", "score"):
         assert (run_dir / stage / "manifest.json").exists()
-    plan = json.loads((run_dir / "package" / "manifest.json").read_text())["outputs"]["plan"]
+    plan = json.loads((run_dir / "export" / "manifest.json").read_text())["outputs"]["plan"]
     assert {row["scheme"] for row in plan} >= {"fp32", "fp16"}
 
 
@@ -112,7 +120,7 @@ def test_rerun_skips_matching_stages_and_reports_the_same(finished_run, small_da
     cwd, first = finished_run
     again = pgolf("run", "tiny", "--data", str(small_data), *sets(), cwd=cwd)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "skip stage=train" in again.stdout and "skip stage=evaluate" in again.stdout
+    assert "skip stage=train" in again.stdout and "skip stage=score" in again.stdout
     assert again.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
 
 
@@ -220,25 +228,6 @@ def test_audit_passes_causal_depth_recurrent_and_names_the_leak(tmp_path):
     assert "selective_state" in leak.stderr and "future_perturbation" in leak.stderr
 
 
-def test_submit_writes_a_records_folder(small_data, tmp_path):
-    proc = cli_inprocess("submit", "tiny", "--seeds", "1,2", "--data", str(small_data), "--device", "cpu",
-                         *sets("train.max_steps=4", "data.max_val_tokens=0"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    folders = list((tmp_path / "records" / "track_10min_16mb").iterdir())
-    assert len(folders) == 1 and folders[0].name.endswith("_tiny")
-    folder = folders[0]
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "submission.json", "train_gpt.py",
-                                                         "train_seed1.log", "train_seed2.log"]
-    sub = json.loads((folder / "submission.json").read_text())
-    reports = [json.loads((tmp_path / "artifacts" / "tiny" / f"seed{s}" / "report.json").read_text()) for s in (1, 2)]
-    assert sub["seeds"] == [1, 2]
-    assert sub["val_bpb"] == pytest.approx(np.mean([r["val_bpb"] for r in reports]))
-    assert sub["val_bpb_std"] == pytest.approx(np.std([r["val_bpb"] for r in reports], ddof=1))
-    assert sub["bytes_code"] == (folder / "train_gpt.py").stat().st_size == reports[0]["bytes_code"]
-    assert sub["bytes_total"] == max(r["bytes_total"] for r in reports)
-    assert sub["compliance"]["score_first_ttt"] is True and sub["compliance"]["three_seeds"] is False
-
-
 def test_submit_refuses_a_capped_validation_set_before_training(small_data, tmp_path):
     proc = cli_inprocess("submit", "tiny", "--seeds", "1", "--data", str(small_data), *sets(), cwd=tmp_path)
     assert_user_error(proc, "data.max_val_tokens")
@@ -262,7 +251,7 @@ def test_lossy_challenge_tokenizer_counts_normalized_bytes_and_warns(tmp_path):
     proc = cli_inprocess("run", "tiny", "--data", str(tmp_path / "d"),
                          *sets("data.max_val_tokens=0", "model.vocab_size=1024"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((tmp_path / "artifacts" / "tiny" / "seed1337" / "report.json").read_text())
+    report = json.loads((run_dir_of(tmp_path / "artifacts") / "report.json").read_text())
     assert report["val_stream_bytes"] < report["val_raw_bytes"]
     assert "raw bytes (it normalizes text)" in report["val_bytes_warning"]
     assert "warning: the tokenizer accounts" in proc.stdout

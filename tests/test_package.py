@@ -1,4 +1,4 @@
-"""Tests for pipeline.stages.package and pipeline.stages.roundtrip: quantize -> package ->
+"""Tests for pipeline.export.artifact and pipeline.export.predict: quantize -> package ->
 read back from disk -> strict load, byte accounting, the cap gate, corruption handling and
 the dry-run size predictor."""
 
@@ -13,9 +13,9 @@ from torch import nn
 
 from pipeline.config import PackageConfig, QuantConfig, QuantRule
 from pipeline.errors import SizeCapError, UserError
-from pipeline.stages.package import package_model, predict_bytes, size_lines, size_vs_rms, tensor_group
-from pipeline.stages.quantize import named_shapes_of, quantize_state_dict, resolve_plan
-from pipeline.stages.roundtrip import load_artifact, roundtrip_into
+from pipeline.export.artifact import load_artifact, package_model, roundtrip_into, size_lines, tensor_group
+from pipeline.export.plan import named_shapes_of, quantize_state_dict, resolve_plan
+from pipeline.export.predict import predict_bytes, size_vs_rms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,7 +76,8 @@ def _gaussian_model(seed=0) -> _Tiny:
 
 def _package(tmp_path, model, cfg=FAST, code_bytes=1234, quant=QuantConfig()):
     q = quantize_state_dict(model.state_dict(), quant)
-    return q, package_model(q, str(tmp_path), cfg, code_bytes, {"recipe": "tiny", "seed": 0})
+    res = package_model(q, tmp_path / "model.bin", cfg, code_bytes, {"recipe": "tiny", "seed": 0})
+    return q, res | {"path": str(tmp_path / "model.bin")}
 
 
 def test_quantize_package_roundtrip_error_bounds(tmp_path):
@@ -140,7 +141,7 @@ def test_corrupt_blob_is_a_user_error(tmp_path, damage):
     with open(path, "wb") as f:
         f.write(data)
     # with a checksum (given, or the sidecar) the mismatch is named ...
-    with pytest.raises(UserError, match="checksum mismatch.*corrupted; re-run `pgolf package`"):
+    with pytest.raises(UserError, match="checksum mismatch.*corrupted; re-run the export"):
         load_artifact(path, res["sha256"])
     with pytest.raises(UserError, match="checksum mismatch"):
         load_artifact(path)
@@ -151,7 +152,7 @@ def test_corrupt_blob_is_a_user_error(tmp_path, damage):
 
 
 def test_missing_blob_and_wrong_model(tmp_path):
-    with pytest.raises(UserError, match="does not exist; run `pgolf package`"):
+    with pytest.raises(UserError, match="does not exist; re-run the export"):
         load_artifact(str(tmp_path / "nope.bin"))
     _, res = _package(tmp_path, _gaussian_model())
 
@@ -211,7 +212,7 @@ def test_predict_bytes_within_15_percent_of_actual(tmp_path):
     q = quantize_state_dict(model.state_dict(), QuantConfig())
     # the deployed setting, zstd-22, on the whole blob
     cfg = PackageConfig()
-    res = package_model(q, str(tmp_path), cfg, 0, meta, group_report=False)
+    res = package_model(q, tmp_path / "model.bin", cfg, 0, meta, group_report=False)
     pred = predict_bytes(shapes, QuantConfig(), cfg, meta=meta)
     assert set(pred) == {"embed", "attn", "mlp", "control", "other", "header", "total"}
     assert pred["total"] == sum(v for k, v in pred.items() if k != "total")
@@ -219,7 +220,7 @@ def test_predict_bytes_within_15_percent_of_actual(tmp_path):
     ratio = pred["total"] / res["bytes_model"]
     assert 0.85 <= ratio <= 1.15, (pred, res["bytes_model"])
     # per group (zstd-3 to keep this quick), against each group compressed on its own
-    fast = package_model(q, str(tmp_path), FAST, 0, meta)["groups"]
+    fast = package_model(q, tmp_path / "model.bin", FAST, 0, meta)["groups"]
     pfast = predict_bytes(shapes, QuantConfig(), FAST, meta=meta)
     for g in ("embed", "attn", "mlp"):
         assert 0.85 <= pfast[g] / fast[g]["compressed_bytes"] <= 1.15, g
@@ -247,7 +248,8 @@ def test_size_vs_rms_follows_real_packages_under_a_scale_floor(tmp_path):
                 if name in int_names:
                     p.normal_(0.0, rms)
         q = quantize_state_dict(model.state_dict(), quant)
-        actual[rms] = package_model(q, str(tmp_path / str(rms)), FAST, 0, {"recipe": "t"}, group_report=False)
+        actual[rms] = package_model(q, tmp_path / str(rms) / "model.bin", FAST, 0, {"recipe": "t"},
+                                    group_report=False)
         pred = predict_bytes(shapes, quant, FAST, init_std=dict.fromkeys(int_names, rms))["total"]
         assert 0.85 <= pred / actual[rms]["bytes_model"] <= 1.15, (rms, pred, actual[rms]["bytes_model"])
     # under the floor the same shapes cost far more bytes at a larger RMS

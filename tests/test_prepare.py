@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import pipeline.data.prepare as prep
+from eval.byte_tables import ByteTables
 from pipeline.data.shards import list_shards, load_shard, read_header
 from pipeline.data.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.errors import UserError
@@ -118,6 +119,16 @@ def test_refuses_unrelated_nonempty_dir_and_leaves_no_staging(prepared, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+def test_an_earlier_prepare_is_replaced_only_when_asked(prepared, tmp_path):
+    src = prepared[0]
+    out = tmp_path / "out"
+    first = prep.prepare_text(src, out, vocab_size=VOCAB)
+    with pytest.raises(UserError, match="pass --overwrite to replace it"):
+        prep.prepare_text(src, out, vocab_size=VOCAB)
+    assert prep.prepare_text(src, out, vocab_size=VOCAB, overwrite=True)["source_sha256"] == first["source_sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or trash left behind
+
+
 def test_not_utf8(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
@@ -159,27 +170,13 @@ def test_jsonl_errors_name_file_and_line(tmp_path, lines, where):
 
 def test_chunked_encoding_equals_whole(prepared, monkeypatch):
     sp = load_tokenizer(prepared[1] / "tokenizer.model")
-    text = prepared[0].read_text() + "   three spaces  two\n\tend"
+    assert prep.chunk_safe(sp)
+    # a stretch with no space longer than a chunk must not be cut inside (a piece may span it)
+    text = prepared[0].read_text() + "   three spaces  two\n\tend" + " " + "shall" * 30 + " be"
     whole = prep._encode(sp, text, True)
     monkeypatch.setattr(prep, "_ENCODE_CHUNK_CHARS", 37)
     assert prep._encode(sp, text, True).tolist() == whole.tolist()
-
-
-def _challenge_byte_count(sp, tokens):
-    """bytes(t|p) summed over targets, exactly as the challenge's byte tables do (pg §2.1-2.2)."""
-    total = 0
-    for prev, tok in zip(tokens[:-1], tokens[1:]):
-        piece = sp.id_to_piece(int(tok))
-        if sp.is_control(int(tok)) or sp.is_unknown(int(tok)) or sp.is_unused(int(tok)):
-            continue
-        if sp.is_byte(int(tok)):
-            total += 1
-            continue
-        if piece.startswith("\u2581"):
-            piece = piece[1:]
-            total += not (sp.is_control(int(prev)) or sp.is_unknown(int(prev)))
-        total += len(piece.encode("utf-8"))
-    return total
+    assert ByteTables.from_sentencepiece(sp).count_bytes(whole) == len(text.encode())
 
 
 def test_tinyshakespeare_val_bytes_and_exact_accounting(tmp_path):
@@ -192,4 +189,4 @@ def test_tinyshakespeare_val_bytes_and_exact_accounting(tmp_path):
     sp = load_tokenizer(tmp_path / "ts" / "tokenizer.model")
     val = _tokens(tmp_path / "ts", "val")
     # The bytes the scorer will divide by are exactly the raw val bytes: bpb is honest.
-    assert _challenge_byte_count(sp, val.tolist()) == meta["val_raw_bytes"]
+    assert ByteTables.from_sentencepiece(sp).count_bytes(val) == meta["val_raw_bytes"]

@@ -1,5 +1,5 @@
-"""Tests for pipeline.quant (scheme math, codecs, hand-written container parser) and
-pipeline.stages.quantize (plan resolution)."""
+"""Tests for pipeline.export.codec (scheme math, codecs, hand-written container parser) and
+pipeline.export.plan (plan resolution)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import safetensors.torch
 import torch
 import zstandard
 
-import pipeline.quant as quant
+import pipeline.export.codec as quant
 from pipeline.config import QuantConfig, QuantRule
 from pipeline.errors import UserError
-from pipeline.quant import (ArtifactError, compress, decode_container, decompress,
+from pipeline.export.codec import (ArtifactError, compress, decode_container, decompress,
                             dequantize_tensor, parse_container, quantize_tensor, row_quantile)
-from pipeline.stages.quantize import quantize_state_dict, resolve_plan
+from pipeline.export.plan import quantize_state_dict, resolve_plan
 
 F16_EPS = 2.0 ** -11  # fp16 relative rounding of a stored scale
 
@@ -276,7 +276,7 @@ def test_hand_written_container_is_read_identically_by_safetensors():
     """The one container writer (no safetensors needed at run time) is real safetensors."""
     import safetensors.torch
 
-    from pipeline.quant import encode_container, parse_container
+    from pipeline.export.codec import encode_container, parse_container
 
     g = torch.Generator().manual_seed(0)
     tensors = {"b.w": torch.randn(5, 7, generator=g), "a.q": torch.randint(-32, 32, (4, 3), dtype=torch.int8),
@@ -296,7 +296,7 @@ def test_hand_written_container_is_read_identically_by_safetensors():
 
 def test_scale_floor_rule_reproduces_the_pr_formula():
     from pipeline.config import QuantRule
-    from pipeline.stages.quantize import quantize_state_dict
+    from pipeline.export.plan import quantize_state_dict
 
     w = torch.full((2, 8), 0.1)
     w[1] = 0.5

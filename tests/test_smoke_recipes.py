@@ -16,7 +16,8 @@ from conftest import SMALL_VOCAB
 from pipeline.distributed import init
 from pipeline.errors import UserError
 from pipeline.recipe import load_recipe
-from pipeline.run import NONCAUSAL, NONCOMPLIANT, final_line, run_recipe
+from pipeline.run import run_recipe
+from pipeline.stages.report import NONCAUSAL, NONCOMPLIANT, final_line
 
 COMMON = (f"model.vocab_size={SMALL_VOCAB}", "train.seq_len=32", "train.batch_tokens=256",
           "train.reference_world_size=1", "train.max_steps=6", "train.max_wallclock_s=0", "train.warmdown_by=steps",
@@ -43,7 +44,7 @@ def test_sidecar48_every_part_end_to_end(small_data, tmp_path):
     assert recipe.train.loader == "coprime" and recipe.model.sidecar and recipe.model.bigram
     assert report["steps"] == 6 and report["ttt_compliant"] is True
     assert report["val_bpb"] == report["val_bpb_ttt"] and 0 < report["val_bpb"] < 20
-    manifest = tmp_path / "sidecar48" / "seed1337" / "package" / "manifest.json"
+    (manifest,) = list((tmp_path / "sidecar48").glob("*/seed1337/export/manifest.json"))
     plan = json.loads(manifest.read_text())["outputs"]["plan"]  # the resolved per-tensor plan
     by_name = {row["name"]: row for row in plan}
     assert by_name["blocks.0.attn.c_q.weight"]["scheme"] == "fp16"  # <= 65,536 elements at this width
@@ -56,7 +57,7 @@ def test_sidecar48_full_size_export_plan_matches_pr684():
     import torch
 
     from pipeline.model import build_model
-    from pipeline.stages.quantize import named_shapes_of, resolve_plan
+    from pipeline.export.plan import named_shapes_of, resolve_plan
 
     recipe = load_recipe("sidecar48")
     with torch.device("meta"):
@@ -79,9 +80,9 @@ def test_sidecar48_published_ttt_is_marked_non_compliant_everywhere(small_data, 
     assert lines and all(line.endswith(NONCOMPLIANT) for line in lines)
     assert NONCOMPLIANT in final_line(report)
     with pytest.raises(UserError, match="trains on validation tokens before scoring"):
-        from pipeline.submit import submit
+        from pipeline.records import submit
 
-        submit("sidecar48", [1], list(sets), small_data, tmp_path, tmp_path / "records", "cpu")
+        submit("sidecar48", [1], list(sets), small_data, tmp_path, tmp_path / "records", device="cpu")
 
 
 def test_depth_recurrent_causal_and_leaky(small_data, tmp_path):

@@ -17,7 +17,7 @@ from pipeline.audit import audit_model, randomize_zero_params
 from pipeline.config import ModelConfig, QuantConfig, TrueEvolvingConfig
 from pipeline.model.registry import build_model
 from pipeline.recipe import load_recipe
-from pipeline.stages.quantize import named_shapes_of, resolve_plan
+from pipeline.export.plan import named_shapes_of, resolve_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

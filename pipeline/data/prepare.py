@@ -9,17 +9,21 @@ Split rules:
           `[BOS] + encode(text)`.
 
 Without a tokenizer, a lossless BPE (see `tokenizer`) is trained on the *training split only*
-(so nothing about val leaks into it); with one, it is checked and copied in. The output
-directory holds `{prefix}_{train,val}_NNNNNN.bin`, `tokenizer.model` and `meta.json`.
+(so nothing about val leaks into it); with one, it is checked and copied in. Either way the
+byte tables are built once (`eval.byte_tables`), so a tokenizer whose bytes cannot be counted
+exactly is refused here, before any shard is written. The output directory holds
+`{prefix}_{train,val}_NNNNNN.bin`, `tokenizer.model` and `meta.json`. A text longer than
+`_ENCODE_CHUNK_CHARS` is encoded in parts only when that gives the whole text's tokens
+(`tokenizer.chunk_safe`).
 
 Atomicity: everything is built in a hidden sibling directory and renamed into place, so an
 interrupted prepare leaves the old output (or nothing) behind; only a crash in the instant
 between the two renames of a replacement leaves the old output in a hidden `.NAME.old-*`
 sibling instead. The jsonl path streams the file (a few passes, nothing held in memory but one
 shard buffer and the tokenizer's capped training text). An existing output directory is
-replaced only if it is empty or a previous prepare of the same source (same file name or same
-sha256); any other non-empty directory is refused with a UserError, so a typo in `--out`
-cannot delete unrelated files or a different dataset.
+replaced only if it is an earlier prepare's output and `overwrite` is given (`--overwrite`); any
+other non-empty directory is refused with a UserError, so a typo in `--out` cannot delete
+unrelated files or a dataset.
 
 Use:
     meta = prepare_text(Path("input.txt"), Path("data/shakes_sp1024"), vocab_size=1024)
@@ -39,10 +43,12 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from eval.byte_tables import ByteTables
 from pipeline.data.shards import ShardWriter, list_shards, read_header
 from pipeline.data.tokenizer import (
     BOS_ID,
     check_vocab,
+    chunk_safe,
     is_lossless,
     load_tokenizer,
     train_tokenizer_docs,
@@ -77,23 +83,24 @@ def text_split_point(data: bytes) -> int:
     return cut
 
 
-def _encode(sp, text: str, lossless: bool) -> np.ndarray:
-    """`[BOS] + sp.encode(text)` as int32, without one huge Python list for huge texts."""
-    if not lossless or len(text) <= _ENCODE_CHUNK_CHARS:
+def _encode(sp, text: str, chunkable: bool) -> np.ndarray:
+    """`[BOS] + sp.encode(text)` as int32, without one huge Python list for huge texts.
+    `chunkable` must be `chunk_safe(sp)`: only then is a long text encoded in parts."""
+    if not chunkable or len(text) <= _ENCODE_CHUNK_CHARS:
         return np.array([BOS_ID] + sp.encode(text), dtype=np.int32)
-    # Our tokenizer splits words before every space and normalizes nothing, so no piece spans
-    # a cut placed right before a space: chunked encoding equals whole-text encoding. (A lossy
-    # normalizer that trims whitespace would break that, hence the `lossless` guard.)
+    # chunk_safe: no piece can span a cut placed right before a space, and no part gains a
+    # dummy "▁" or loses its leading space, so chunked encoding equals whole-text encoding.
     parts, start = [np.array([BOS_ID], dtype=np.int32)], 0
     while start < len(text):
         end = min(start + _ENCODE_CHUNK_CHARS, len(text))
         if end < len(text):
-            # Cut before the first space of a run, so no run of spaces is split either. A text
-            # with no space in a whole chunk (rare) is cut where it is.
-            space = text.rfind(" ", start + 1, end)
-            while space > start and text[space - 1] == " ":
-                space -= 1
-            end = space if space > start else end
+            # Cut before the last space in (start, end]; with none there, before the next space
+            # after it (a part then runs long), or not at all. Never inside a word: a piece with
+            # no space in it may span any other cut.
+            cut = text.rfind(" ", start + 1, end + 1)
+            if cut < 0:
+                cut = text.find(" ", end + 1)
+            end = cut if cut > 0 else len(text)
         parts.append(np.array(sp.encode(text[start:end]), dtype=np.int32))
         start = end
     return np.concatenate(parts)
@@ -118,6 +125,10 @@ def _install_tokenizer(stage: Path, tokenizer_path, vocab_size, train_docs: Call
             f"tokenizer {tokenizer_path or dest} has bos id {sp.bos_id()}, but the shard format "
             f"expects {BOS_ID} (pad 0 / bos 1 / eos 2 / unk 3); use a tokenizer trained with those ids."
         )
+    try:
+        ByteTables.from_sentencepiece(sp)  # refuses a tokenizer whose bytes it cannot count
+    except UserError as e:
+        raise UserError(f"tokenizer {tokenizer_path or dest}: {e}") from None
     info = {
         "vocab_size": sp.vocab_size(),
         "tokenizer": TOKENIZER_FILE,
@@ -150,16 +161,22 @@ def _read_meta(out_dir: Path) -> Optional[dict]:
         return None
 
 
-def _build_into(out_dir: Path, source: Path, source_sha: str, build: Callable[[Path], dict]) -> dict:
+def _build_into(out_dir: Path, source: Path, source_sha: str, build: Callable[[Path], dict],
+                overwrite: bool = False) -> dict:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path {out_dir} is a file; pass a directory to `--out`.")
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        old = _read_meta(out_dir)
-        if old is None or (old.get("source") != source.name and old.get("source_sha256") != source_sha):
+        # Never replace a folder the user has: only an earlier prepare's output, and only when asked.
+        if _read_meta(out_dir) is None:
             raise UserError(
-                f"output directory {out_dir} is not empty and is not a previous prepare of "
-                f"{source.name}; choose another output directory or delete it first."
+                f"output directory {out_dir} is not empty and is not a `pgolf data prepare` output; "
+                f"choose another output directory (pgolf does not delete it)."
+            )
+        if not overwrite:
+            raise UserError(
+                f"output directory {out_dir} already holds a prepared dataset; pass --overwrite to replace it, "
+                f"or choose another output directory."
             )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.prepare-", dir=out_dir.parent))
@@ -205,7 +222,7 @@ def _meta(source: Path, kind: str, source_sha: str, split_rule: str, prefix: str
 # --- text -------------------------------------------------------------------------------------
 
 
-def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefix="data") -> dict:
+def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefix="data", overwrite=False) -> dict:
     """Prepare one UTF-8 text file (90/10 byte split). `vocab_size` None means 1024 when a
     tokenizer is trained, and "whatever it has" when `tokenizer_path` is given."""
     text_path = _require_file(text_path, "--text")
@@ -227,18 +244,19 @@ def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefi
         sp, tok = _install_tokenizer(
             stage, tokenizer_path, vocab_size, lambda: _capped(iter([train_text]), TOKENIZER_MAX_TRAIN_BYTES)
         )
-        val = _encode(sp, val_text, tok["lossless"])
+        chunkable = chunk_safe(sp)
+        val = _encode(sp, val_text, chunkable)
         written = {"val": _write_split(stage, prefix, "val", [val])}
         roundtrip = sp.decode(val[1:].tolist()) == val_text
         del val
-        written["train"] = _write_split(stage, prefix, "train", [_encode(sp, train_text, tok["lossless"])])
+        written["train"] = _write_split(stage, prefix, "train", [_encode(sp, train_text, chunkable)])
         return _meta(text_path, "text", source_sha,
                      "first int(0.9*n) bytes train (cut moved forward to a UTF-8 character boundary), the rest "
                      "val; each split is one document [BOS]+tokens", prefix, tok, written,
                      {"train": cut, "val": len(data) - cut}, roundtrip, {"train": 1, "val": 1},
                      source_bytes=len(data), split_byte=cut)
 
-    return _build_into(Path(out_dir), text_path, source_sha, build)
+    return _build_into(Path(out_dir), text_path, source_sha, build, overwrite)
 
 
 # --- jsonl ------------------------------------------------------------------------------------
@@ -275,7 +293,8 @@ def _batched(texts: Iterator[str], n: int) -> Iterator[list[str]]:
         yield batch
 
 
-def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val_docs=None, prefix="data") -> dict:
+def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val_docs=None, prefix="data",
+                  overwrite=False) -> dict:
     """Prepare a jsonl of {"text": ...} documents; the first `val_docs` documents are val."""
     jsonl_path = _require_file(jsonl_path, "--jsonl")
     n_docs = sum(1 for _ in _iter_jsonl(jsonl_path))  # also validates every line up front
@@ -316,7 +335,7 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
                      {"train": stats["train_raw_bytes"], "val": stats["val_raw_bytes"]}, stats["roundtrip"],
                      {"train": n_docs - n_val, "val": n_val})
 
-    return _build_into(Path(out_dir), jsonl_path, source_sha, build)
+    return _build_into(Path(out_dir), jsonl_path, source_sha, build, overwrite)
 
 
 # --- skip when up to date ---------------------------------------------------------------------
@@ -359,7 +378,8 @@ def ensure_prepared(
 ) -> dict:
     """Prepare `out_dir` from exactly one of text_path / jsonl_path unless its meta.json already
     matches the source's sha256, the vocabulary (and tokenizer, split, prefix) and its shards are
-    intact. Returns the meta dict either way."""
+    intact; an outdated earlier prepare there is replaced (for folders pgolf owns, such as the
+    embedded corpus's cache). Returns the meta dict either way."""
     if (text_path is None) == (jsonl_path is None):
         raise ValueError("ensure_prepared needs exactly one of text_path or jsonl_path")
     out_dir = Path(out_dir)
@@ -368,5 +388,5 @@ def ensure_prepared(
     if _up_to_date(meta, out_dir, source, tokenizer_path, vocab_size, val_docs if jsonl_path else None, prefix):
         return meta
     if text_path is not None:
-        return prepare_text(source, out_dir, tokenizer_path, vocab_size, prefix)
-    return prepare_jsonl(source, out_dir, tokenizer_path, vocab_size, val_docs, prefix)
+        return prepare_text(source, out_dir, tokenizer_path, vocab_size, prefix, overwrite=True)
+    return prepare_jsonl(source, out_dir, tokenizer_path, vocab_size, val_docs, prefix, overwrite=True)

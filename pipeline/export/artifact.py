@@ -1,46 +1,45 @@
-"""Package stage: write the compressed artifact, account its bytes, gate on the size cap.
+"""The artifact on disk: write the compressed blob, account its bytes, gate on the cap, read it back.
 
-Usage:
-    qmodel = quantize_state_dict(model.state_dict(), recipe.quant)
-    result = package_model(qmodel, out_dir, recipe.package, code_bytes=len(code_utf8),
-                           meta={"recipe": recipe.name, "trunk": recipe.model.trunk})
+    qmodel = quantize_state_dict(model.state_dict(), recipe.quant.rules)
+    result = package_model(qmodel, Path("export/model.bin"), recipe.package, code_bytes,
+                           meta={"recipe": recipe.name, "seed": recipe.seed, "model": {...}})
     for line in size_lines(result): print(line)
+    state_dict, meta = load_artifact("export/model.bin", expected_sha256=result["sha256"])
+    model = roundtrip_into(lambda: build_model(recipe.model), "export/model.bin", result["sha256"])
 
-    # before training, from shapes only (meta-device model is fine):
-    est = predict_bytes(named_shapes_of(model), recipe.quant, recipe.package)
+`package_model` writes the blob and `<blob>.sha256` (`sha256sum -c` format), each through a
+temporary name and os.replace, so a crash never leaves a half-written artifact. The total counted
+against the cap is blob bytes + code bytes (pg_mechanics.md §3.6/§4.2.3). Over the cap it raises
+SizeCapError and leaves no blob behind (a stale one from an earlier run is removed, so no later
+stage can score it).
 
-`package_model` writes `<out_dir>/model.bin` (the blob) and `model.bin.sha256`
-(`sha256sum -c` format), each through a temporary name and os.replace, so a crash never
-leaves a half-written artifact. The total counted against the cap is blob bytes + code
-bytes (pg_mechanics.md §3.6/§4.2.3). Over the cap it raises SizeCapError and leaves no
-blob behind (a stale one from an earlier run is removed, so no later stage can score it).
-
-The container is written with the safetensors library; `pipeline.quant` reads it back by
-hand at submission time (see that module for the byte layout).
+The reported score must be the score of the bytes that ship, never of the in-memory weights
+(baseline rule, pg_mechanics.md §3.7; PR #298 logged a "roundtrip" number without evaluating the
+dequantized model, seed_prs.md §2.3). So scoring starts from the file, and reading it checks, each
+failure a UserError naming the file and the fix: the file exists; its sha256 matches (the expected
+value given, else the sidecar written beside it); the compressed frame is complete; the container
+header is valid and of a known version; every decoded tensor is finite; the state_dict fits the
+freshly built model exactly (strict load). Runtime-pure: the submission script bundles it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import os
 import re
-from typing import Mapping
+from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 
 from pipeline.config import CONTROL_PATTERN, PackageConfig
 from pipeline.errors import SizeCapError, UserError
+from pipeline.export.codec import INT_RANGES, ArtifactError, build_metadata, compress, decode_artifact, encode_container
+from pipeline.export.plan import QuantizedModel
 from pipeline.fileio import atomic_write
-from pipeline.quant import ST_TAGS, INT_RANGES, build_metadata, compress, dtype_name, encode_container, quantize_tensor
-from pipeline.stages.quantize import QuantizedModel, as_dtype, resolve_plan
 
-BLOB_NAME = "model.bin"
 GROUPS = ("embed", "attn", "mlp", "control", "other")
 _CONTROL_RE = re.compile(CONTROL_PATTERN)
 _EMBED_RE = re.compile(r"(^|\.)(tok_emb|lm_head|value_embeds)(\.|$)|bigram\.embed")
-# safetensors dtype tags, to lay out the header exactly as the writer would in predict_bytes
 
 
 def tensor_group(name: str) -> str:
@@ -83,33 +82,35 @@ def group_breakdown(qmodel: QuantizedModel, cfg: PackageConfig) -> dict[str, dic
     return out
 
 
-def package_model(qmodel: QuantizedModel, out_dir: str, cfg: PackageConfig, code_bytes: int,
+def package_model(qmodel: QuantizedModel, blob_path, cfg: PackageConfig, code_bytes: int,
                   meta: Mapping, group_report: bool = True) -> dict:
-    """Write the artifact and return its accounting: bytes_model / bytes_code / bytes_total,
-    cap_bytes, headroom, sha256, path, label, groups (see group_breakdown), plan."""
+    """Write the artifact to `blob_path` and return its accounting: bytes_model / bytes_code /
+    bytes_total (bytes), cap_bytes, headroom, sha256, label, groups (see group_breakdown), plan.
+    Raises SizeCapError over the cap (and removes any stale blob at `blob_path`)."""
     if not isinstance(code_bytes, int) or code_bytes < 0:
         raise UserError(f"code_bytes must be a non-negative integer, got {code_bytes!r}")
+    path = Path(blob_path)
+    side = path.with_name(path.name + ".sha256")
     raw = serialize(qmodel, meta)
     blob = compress(raw, cfg.compressor, cfg.level)
     total = len(blob) + code_bytes
-    path = os.path.join(out_dir, BLOB_NAME)
     if total > cfg.cap_bytes:
-        for stale in (path, path + ".sha256"):
-            if os.path.exists(stale):
-                os.remove(stale)
+        for stale in (path, side):
+            if stale.exists():
+                stale.unlink()
         raise SizeCapError(
             f"{path} would be {len(blob):,} bytes + code {code_bytes:,} bytes = {total:,} "
             f"bytes, over the cap of {cfg.cap_bytes:,} by {total - cfg.cap_bytes:,}; use fewer "
             "parameters (layers, model_dim, mlp_mult, vocab) or a stronger quant plan "
             "(int6 instead of int8/fp16 rules in quant.rules), or package.level 22 with zstd")
-    os.makedirs(out_dir, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(blob).hexdigest()
-    if os.path.exists(path + ".sha256"):  # never let an old checksum vouch for a new blob
-        os.remove(path + ".sha256")
+    if side.exists():  # never let an old checksum vouch for a new blob
+        side.unlink()
     atomic_write(path, blob)
-    atomic_write(path + ".sha256", f"{digest}  {BLOB_NAME}\n".encode())
+    atomic_write(side, f"{digest}  {path.name}\n".encode())
     return {
-        "path": path, "label": _label(qmodel, cfg), "sha256": digest,
+        "label": _label(qmodel, cfg), "sha256": digest,
         "bytes_model": len(blob), "bytes_code": code_bytes, "bytes_total": total,
         "bytes_raw": len(raw), "cap_bytes": cfg.cap_bytes, "headroom": cfg.cap_bytes - total,
         "compressor": cfg.compressor, "level": cfg.level,
@@ -126,131 +127,60 @@ def size_lines(result: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------
-# dry-run size prediction
+# reading it back
 
 
-def _entry_layout(name: str, scheme: str, shape: tuple, dtype: torch.dtype):
-    """[(container key, storage dtype, shape)] exactly as quantize_tensor would store it."""
-    if scheme in INT_RANGES:
-        scale_shape = [shape[0]] if len(shape) >= 2 else []
-        dt = torch.float16 if len(shape) >= 2 else torch.float32
-        return [(name + ".q", torch.int8, list(shape)), (name + ".scale", dt, scale_shape)]
-    store = {"fp16": torch.float16, "fp32": torch.float32}.get(scheme, dtype)
-    return [(name, store, list(shape))]
+def _sidecar_sha(blob_path: Path) -> str | None:
+    side = blob_path.with_name(blob_path.name + ".sha256")
+    if not side.exists():
+        return None
+    text = side.read_text(encoding="utf-8").split()
+    return text[0].lower() if text else None
 
 
-def _synth_sample(name: str, shape: tuple, dtype: torch.dtype, std: float | None,
-                  gen: torch.Generator, sample_rows: int) -> torch.Tensor:
-    """A Gaussian stand-in with the tensor's full row width and at most sample_rows rows
-    (1-D: at most sample_rows * 1024 elements)."""
-    if len(shape) >= 2:
-        sshape = (min(shape[0], sample_rows), *shape[1:])
-    elif len(shape) == 1:
-        sshape = (min(shape[0], sample_rows * 1024),)
-    else:
-        sshape = ()
-    noise = torch.randn(sshape, generator=gen)
-    if std is not None:
-        x = noise * std
-    elif _CONTROL_RE.search(name):
-        # Control tensors start at constants (scales 1, gains 1.5, mixes 1/0) and drift a
-        # little in training; "constant-ish" = 1 + small noise, which keeps fp32's exponent
-        # bytes compressible but not its mantissa, as in a trained model.
-        x = 1.0 + 0.01 * noise
-    else:
-        x = 0.02 * noise
-    return x.to(dtype)
+def load_artifact(blob_path, expected_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read, verify and decode `blob_path`. Returns (state_dict, meta), where meta is the
+    recipe/model identity given to package_model. Raises UserError on a missing, corrupt,
+    truncated or non-finite artifact."""
+    path = Path(blob_path)
+    if not path.is_file():
+        raise UserError(f"artifact {path} does not exist; re-run the export (`pgolf run` re-creates it)")
+    blob = path.read_bytes()
+    expected = expected_sha256 or _sidecar_sha(path)
+    if expected:
+        actual = hashlib.sha256(blob).hexdigest()
+        if actual != expected.strip().lower():
+            raise UserError(f"artifact {path} checksum mismatch (sha256 {actual}, expected {expected}): "
+                            "the blob is corrupted; re-run the export (`pgolf run` re-creates it)")
+    try:
+        state_dict, header = decode_artifact(blob)
+    except ArtifactError as e:
+        raise UserError(f"artifact {path}: {e}") from None
+    for name, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"artifact {path}: tensor {name!r} decodes to NaN or inf; the blob cannot be "
+                            "scored. Re-export from finite weights (lower the learning rates).")
+    return state_dict, dict(header.get("meta") or {})
 
 
-def predict_bytes(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig,
-                  init_std: Mapping[str, float] | None = None, seed: int = 0,
-                  meta: Mapping | None = None, sample_rows: int = 64) -> dict[str, int]:
-    """ESTIMATE of the compressed artifact size from shapes alone (no trained weights).
+def roundtrip_into(model_factory: Callable[[], torch.nn.Module], blob_path,
+                   expected_sha256: str | None = None) -> torch.nn.Module:
+    """Build a fresh model and strict-load the artifact's weights into it."""
+    state_dict, _ = load_artifact(blob_path, expected_sha256)
+    model = model_factory()
+    expected_keys = set(model.state_dict().keys())
+    missing = sorted(expected_keys - set(state_dict))
+    unexpected = sorted(set(state_dict) - expected_keys)
+    if missing or unexpected:
+        raise UserError(f"artifact {blob_path} does not fit the model built from the recipe: "
+                        f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+                        f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; export it "
+                        "from this recipe, or load it with the recipe it was exported from")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:  # shape mismatch: the message lists the offending tensors
+        raise UserError(f"artifact {blob_path} does not fit the model built from the recipe "
+                        f"({str(e).splitlines()[-1].strip()}); export it from this recipe, "
+                        "or load it with the recipe it was exported from") from None
+    return model
 
-    Each tensor is replaced by a Gaussian sample (std init_std[name]; else 0.02, and
-    1 + 0.01·N for control tensors) with full row width and at most `sample_rows` rows,
-    quantized by its plan scheme. Bytes are pooled into streams by (group, storage kind),
-    each stream is compressed with the configured codec, and its compressed/raw ratio is
-    applied to the stream's full-size raw bytes. The container header (tensor index +
-    manifest + meta) is laid out exactly and compressed on its own. Non-float tensors are
-    counted uncompressed. Without a scale floor, int6/int8 codes are scaled by each row's
-    own maximum and their entropy barely depends on the assumed std. With a floor (PR #684's
-    1/31 and 1/127) every row with max|w| below 1 gets the same absolute step, so the code
-    entropy grows with the weights' RMS: see `size_vs_rms`. Trained weights are not Gaussian
-    (heavier tails, lower entropy with weight decay), so treat the result as a guide.
-
-    Returns {group: bytes for each of GROUPS, "header": bytes, "total": bytes}."""
-    init_std = dict(init_std or {})
-    plan = resolve_plan(named_shapes, rules)
-    gen = torch.Generator().manual_seed(int(seed))
-    streams: dict[tuple[str, str], list] = {}  # (group, kind) -> [sample bytes list, full]
-    fixed = dict.fromkeys(GROUPS, 0)
-    manifest, index, offset = {}, {}, 0
-    for entry in plan:
-        name, scheme = entry["name"], entry["scheme"]
-        shape, dtype = tuple(int(d) for d in named_shapes[name][0]), as_dtype(named_shapes[name][1])
-        group = tensor_group(name)
-        manifest[name] = {"scheme": scheme, "dtype": dtype_name(dtype), "shape": list(shape),
-                          "clip_percentile": entry["clip_percentile"]}
-        layout = _entry_layout(name, scheme, shape, dtype)
-        for key, store, eshape in layout:
-            nbytes = math.prod(eshape) * store.itemsize
-            index[key] = {"dtype": ST_TAGS.get(store, "F32"), "shape": eshape,
-                          "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        if scheme == "raw":  # integer buffers: no model of their values, count them raw
-            fixed[group] += sum(math.prod(s) * d.itemsize for _, d, s in layout)
-            continue
-        if math.prod(shape) == 0:
-            continue
-        sample = _synth_sample(name, shape, dtype, init_std.get(name), gen, sample_rows)
-        parts = quantize_tensor(sample, scheme, entry["clip_percentile"], name, scale_floor=entry.get("scale_floor"))
-        for key, store, eshape in layout:
-            kind = "scale" if key.endswith(".scale") and scheme in INT_RANGES else dtype_name(store)
-            stream = streams.setdefault((group, kind), [[], 0])
-            stream[0].append(parts[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            stream[1] += math.prod(eshape) * store.itemsize
-    out = dict(fixed)
-    for (group, _kind), (chunks, full) in streams.items():
-        sample_bytes = b"".join(chunks)
-        if sample_bytes:
-            ratio = len(compress(sample_bytes, cfg.compressor, cfg.level)) / len(sample_bytes)
-            out[group] += int(round(ratio * full))
-    header = json.dumps({"__metadata__": build_metadata(manifest, dict(meta or {})), **index},
-                        separators=(",", ":")).encode()
-    out["header"] = len(compress(header, cfg.compressor, cfg.level)) + 8
-    out["total"] = sum(out.values())
-    return out
-
-
-def size_vs_rms(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig, code_bytes: int,
-                grid: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3), sample_rows: int = 16,
-                bisect_steps: int = 4) -> tuple[list[tuple[float, int]], float | None]:
-    """Predicted total bytes with every int6/int8 tensor at RMS r, for r in `grid`, and the RMS
-    at which the total reaches the cap (None when no grid value reaches it).
-
-    Under a scale floor the artifact size is set by how large the trained weights grow (PR
-    #1218 measured compressed size tracking a matrix's RMS with R^2 ~ 0.99), which a dry run
-    cannot know; this tells the user the largest trained RMS that still fits, to compare with
-    a checkpoint's. The crossing is found by bisection in log-RMS between the bracketing grid
-    points (the size rises monotonically with the RMS). 16 sample rows keep each evaluation
-    to a fraction of a second and agree with 64 rows to within ~0.2 % (sidecar48)."""
-    plan = resolve_plan(named_shapes, rules)
-    quantized = [e["name"] for e in plan if e["scheme"] in INT_RANGES]
-
-    def total_at(rms: float) -> int:
-        est = predict_bytes(named_shapes, rules, cfg, init_std=dict.fromkeys(quantized, rms),
-                            sample_rows=sample_rows)
-        return est["total"] + code_bytes
-
-    curve = [(r, total_at(r)) for r in grid]
-    over = [i for i, (_, total) in enumerate(curve) if total > cfg.cap_bytes]
-    if not over:
-        return curve, None
-    if over[0] == 0:
-        return curve, grid[0]
-    lo, hi = math.log(grid[over[0] - 1]), math.log(grid[over[0]])
-    for _ in range(bisect_steps):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total_at(math.exp(mid)) <= cfg.cap_bytes else (lo, mid)
-    return curve, math.exp((lo + hi) / 2)

@@ -14,8 +14,8 @@ Loading never executes code: no pickle anywhere, only JSON and raw little-endian
 The blob is one standard zstd frame (with content size and checksum) or a zlib stream,
 wrapping a safetensors-compatible container: an 8-byte little-endian header length, a JSON
 header `{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {str: str}}`, then the
-raw tensor bytes. The writer (`pipeline.stages.package`) uses the safetensors library; this
-module parses the same bytes by hand. Entries are `<name>.q` (int8 codes) plus
+raw tensor bytes, written and parsed here by hand (the safetensors library reads the same bytes,
+tested). Entries are `<name>.q` (int8 codes) plus
 `<name>.scale` (fp16 per row; one fp32 scalar for 1-D tensors) for int6/int8, and `<name>`
 for fp16/fp32/raw. `__metadata__["pgolf_quant"]` is a JSON string:
 `{"format": "pgolf-quant", "version": 1, "tensors": {name: {"scheme", "dtype", "shape",
@@ -69,6 +69,10 @@ class ArtifactError(_ErrorBase):
     """The artifact cannot be read: corrupt, truncated, or not a pgolf-quant blob."""
 
 
+class StorageRangeError(_ErrorBase):
+    """A value or scale does not fit the storage type its scheme would write (it would become inf)."""
+
+
 # --------------------------------------------------------------------------------------
 # scheme math
 
@@ -110,7 +114,7 @@ def row_quantile(a: torch.Tensor, q: float, chunk_elems: int = 1 << 22) -> torch
 
 
 def _quantize_int(t: torch.Tensor, scheme: str, clip_percentile: float | None,
-                  scale_floor: float | None = None):
+                  scale_floor: float | None = None, name: str = "tensor"):
     qmin, qmax = INT_RANGES[scheme]
     w = t.detach().float()
     per_row = w.ndim >= 2
@@ -130,6 +134,12 @@ def _quantize_int(t: torch.Tensor, scheme: str, clip_percentile: float | None,
     scale_dtype = torch.float16 if per_row else torch.float32
     floor = torch.finfo(scale_dtype).tiny if scale_floor is None else float(scale_floor)
     scale = (clip / qmax).clamp_min(floor).to(scale_dtype)
+    if not bool(torch.isfinite(scale).all()):
+        worst = float(clip.max())
+        raise StorageRangeError(
+            f"tensor {name!r}: a row's {scheme} scale ({worst:.4g} / {qmax}) overflows {dtype_name(scale_dtype)} "
+            f"(max {torch.finfo(scale_dtype).max:.6g}); the weights are far too large (training diverged: lower the "
+            f"learning rates) or store this tensor as fp32 with a quant rule")
     # Codes are computed against the *stored* (rounded) scale, so dequantization error is
     # bounded by half of the scale actually used at load time.
     s = scale.float().unsqueeze(1)
@@ -144,9 +154,14 @@ def quantize_tensor(t: torch.Tensor, scheme: str, clip_percentile: float | None 
     """Encode one tensor; returns {container key: tensor} (fresh, contiguous storage).
     `scale_floor` (int6/int8 only): lower bound of the scale, see _quantize_int."""
     if scheme in INT_RANGES:
-        q, scale = _quantize_int(t, scheme, clip_percentile, scale_floor)
+        q, scale = _quantize_int(t, scheme, clip_percentile, scale_floor, name)
         return {name + ".q": q, name + ".scale": scale}
     if scheme == "fp16":
+        half_max = torch.finfo(torch.float16).max
+        if t.numel() and float(t.detach().abs().max()) > half_max:
+            raise StorageRangeError(
+                f"tensor {name!r} holds {float(t.detach().abs().max()):.6g}, beyond fp16's range (max {half_max:.6g}), "
+                f"so storing it fp16 would write inf; lower the learning rates, or give it an fp32 quant rule")
         return {name: t.detach().to(torch.float16).clone().contiguous()}
     if scheme == "fp32":
         return {name: t.detach().to(torch.float32).clone().contiguous()}

@@ -1,10 +1,10 @@
-"""Quantize stage: resolve the recipe's quant rules into a per-tensor plan, then encode.
+"""The quantization plan: the recipe's quant rules resolved per tensor, then each tensor encoded.
 
 Usage:
     plan = resolve_plan(named_shapes_of(model), recipe.quant.rules)   # JSON-able list
     qmodel = quantize_state_dict(model.state_dict(), recipe.quant.rules)
     # qmodel.tensors -> container entries, qmodel.manifest -> per-tensor header,
-    # qmodel.plan -> the resolved plan; pipeline.stages.package writes it.
+    # qmodel.plan -> the resolved plan; pipeline.export.artifact writes it.
 
 Rule matching (first match wins, in recipe order): `re.search(rule.pattern, name)` and
 `min_numel <= numel <= max_numel`, where a bound of 0 means unbounded. Non-float tensors
@@ -25,7 +25,7 @@ import torch
 
 from pipeline.config import QuantConfig, QuantRule
 from pipeline.errors import UserError
-from pipeline.quant import INT_RANGES, container_keys, dtype_name, quantize_tensor
+from pipeline.export.codec import INT_RANGES, container_keys, dtype_name, quantize_tensor
 
 _VALID_SCHEMES = ("int6", "int8", "fp16", "fp32")
 

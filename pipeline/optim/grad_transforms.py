@@ -36,7 +36,7 @@ def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 def check_grad_conditioning(cfg: GradConditioningConfig) -> tuple[re.Pattern, ...]:
     """Compile the rules' patterns; a bad one is a UserError naming it and its config path.
 
-    Same approach as quant.rules (pipeline/stages/quantize.py `check_quant_rules`). The trainer calls
+    Same approach as quant.rules (pipeline/export/plan.py `check_quant_rules`). The trainer calls
     it at construction, so a bad recipe fails before any training step."""
     compiled = []
     for i, rule in enumerate(cfg.rules):

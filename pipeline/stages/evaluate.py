@@ -10,6 +10,7 @@ so they go straight into manifests and report.json.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from eval.byte_tables import ByteTables
 from eval.scorer import EvalResult, evaluate
 from eval.ttt import check_score_before_update, pre_score_full_val_ttt, score_first_ttt
 from pipeline.config import Recipe
-from pipeline.data.shards import list_shards, load_shard
+from pipeline.data.shards import list_shards, load_byte_sidecar, load_shard
 from pipeline.data.tokenizer import check_vocab, load_tokenizer
 from pipeline.errors import UserError
 
@@ -38,11 +39,18 @@ class Data:
     val_tokens: np.ndarray
     tables: ByteTables
     val_raw_bytes: Optional[int]  # UTF-8 bytes of the validation text (from meta.json), if known
-    val_stream_bytes: int  # bytes the tokenizer accounts for over the whole val stream
+    val_stream_bytes: int  # bytes the scorer accounts for over the whole val stream
+    # The byte sidecar (*_val_bytes_*.bin, pg_mechanics.md §2.7): uint16 [len(val_tokens)], raw
+    # bytes per val token, or None. When present it is attached to `tables` and every score
+    # counts it instead of the table formula.
+    val_byte_counts: Optional[np.ndarray] = None
+    byte_source: str = "tables"  # "sidecar" or "tables": what the scores divide by
 
 
 def load_data(data_dir: Path, recipe: Recipe, tokenizer_path: Optional[Path] = None) -> Data:
-    """Shards of `data_dir` plus its tokenizer (`tokenizer_path`, default data_dir/tokenizer.model)."""
+    """Shards of `data_dir` plus its tokenizer (`tokenizer_path`, default data_dir/tokenizer.model)
+    and, when the directory has them, the val byte sidecars (then `byte_source` is "sidecar").
+    Raises UserError for a missing or mismatched directory, tokenizer or sidecar."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"data directory {data_dir} does not exist; create it with "
@@ -56,17 +64,25 @@ def load_data(data_dir: Path, recipe: Recipe, tokenizer_path: Optional[Path] = N
     sp = load_tokenizer(tok_path)
     check_vocab(sp, recipe.model.vocab_size, tok_path)
     val = np.concatenate([np.asarray(load_shard(p), dtype=np.uint16) for p in val_paths])
+    sidecar = load_byte_sidecar(val_paths)
     if recipe.data.max_val_tokens:
         val = val[: recipe.data.max_val_tokens + 1]
+        sidecar = None if sidecar is None else sidecar[: recipe.data.max_val_tokens + 1]
     if int(val.max()) >= recipe.model.vocab_size:
         raise UserError(f"validation shards in {data_dir} hold token id {int(val.max())} >= model.vocab_size "
                         f"{recipe.model.vocab_size}; prepare the data with a matching tokenizer.")
     tables = ByteTables.from_sentencepiece(sp, recipe.model.vocab_size)
+    if sidecar is not None:
+        bad = np.flatnonzero((val == sp.bos_id()) & (sidecar != 0))  # BOS stands for no text
+        if bad.size:
+            raise UserError(f"the byte sidecar of {data_dir} gives {int(sidecar[bad[0]])} bytes to val token "
+                            f"{int(bad[0])}, a BOS (0 bytes), so it does not match these shards; re-export both.")
+        tables = tables.with_token_bytes(sidecar)
     meta_path = data_dir / "meta.json"
     raw = json.loads(meta_path.read_text()).get("val_raw_bytes") if meta_path.exists() else None
     if recipe.data.max_val_tokens:
         raw = None  # a capped stream no longer stands for the whole text
-    return Data(data_dir, train, val, tables, raw, int(tables.count_bytes(val)))
+    return Data(data_dir, train, val, tables, raw, int(tables.count_bytes(val)), sidecar, tables.byte_source)
 
 
 def _as_dict(res: EvalResult, seconds: float) -> dict:
@@ -131,3 +147,14 @@ def make_validator(data: Data, recipe: Recipe, dist_info):
         return {"val_loss": res.val_loss, "val_bpb": res.val_bpb}
 
     return validate
+
+
+def val_fingerprint(data: Data) -> dict:
+    """The validation set's identity: sha256 of its tokens as loaded (little-endian uint16, after any
+    `data.max_val_tokens` cap) and of the per-token byte counts when a byte sidecar is used. Every
+    seed of a submission must have scored the same one."""
+    h = hashlib.sha256(np.ascontiguousarray(data.val_tokens, dtype="<u2").tobytes())
+    counts = data.val_byte_counts
+    if counts is not None:
+        h.update(np.ascontiguousarray(counts, dtype="<u2").tobytes())
+    return {"val_sha256": h.hexdigest(), "val_token_count": int(data.val_tokens.size)}

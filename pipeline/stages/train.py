@@ -1,12 +1,17 @@
 """Stage `train`: optimise the recipe's model, with an fp32 EMA shadow, resumably.
 
-    result = train(recipe, shard_paths, out_dir, dist_info, log=print)
+    result, model = train(recipe, shard_paths, ckpt_dir, dist_info, log=print)
+    TRAIN                          # the stage object of pipeline.stages.sequence
 
 One optimizer step = `reference_world_size // world_size` micro-steps, so a single process
-follows the reference 8-GPU trajectory. The loop saves `out_dir/ckpt.pt` (model, optimizers,
-EMA, grad-conditioning state, step, loader position, RNG states, elapsed training time) every
-`checkpoint_every` steps and on Ctrl-C; a later call resumes from it and continues on the same trajectory.
-A NaN/inf loss stops the run, keeps the last good checkpoint and names the step.
+follows the reference 8-GPU trajectory. With a checkpoint folder the loop saves `ckpt.pt` (model,
+optimizers, EMA, grad-conditioning state, step, loader position, RNG states, elapsed training
+time, and the key it was written under) every `checkpoint_every` steps and on Ctrl-C/SIGTERM; a
+later call resumes from it only under the same key (training config, training data, code) and
+continues on the same trajectory. A signal only sets a flag: the loop stops at the next step
+boundary, so the saved state is never taken mid-step and the resumed run is bitwise the
+uninterrupted one. A non-finite loss, gradient norm or parameter stops training at that step,
+naming it; a checkpoint is written only from a finite state, so "the last good checkpoint" is good.
 
 Runtime-pure (bundled into the submission script): imports torch/numpy and pipeline only.
 """
@@ -17,6 +22,8 @@ import copy
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +34,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import Recipe, to_dict
-from pipeline.distributed import DistInfo, all_reduce_max, seed_everything
+from pipeline.distributed import DistInfo, barrier, seed_everything
 from pipeline.errors import NonFiniteLossError, UserError
+from pipeline.fileio import file_sha256
 from pipeline.model import build_model
 from pipeline.optim.build import build_optimizers
 from pipeline.optim.grad_transforms import (GradConditioningState, check_grad_conditioning, clip_grad_norm,
                                             condition_gradients, nan_to_num_)
 from pipeline.optim.schedule import apply_schedule, lr_multiplier, muon_momentum
+from pipeline.stages.base import Context, Stage
 from pipeline.stages.ema import EMA
 
 CHECKPOINT = "ckpt.pt"
@@ -46,6 +55,7 @@ class TrainResult:
     tokens_seen: int
     history: list = field(default_factory=list)  # per logged step: step, loss, lr_mul, train_time
     resumed_from: Optional[int] = None
+    stopped_by: str = "max_steps"  # or "wallclock" (train.max_wallclock_s) or "stop_at_step"
 
 
 def grad_accum_steps(recipe: Recipe, world_size: int) -> int:
@@ -128,10 +138,19 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, shard_paths, out_dir: Path, dist_info: DistInfo,
-                 log: Callable[[str], None] = print, progress: Optional[Callable] = None):
-        self.recipe, self.out_dir, self.dist, self.log, self.progress = recipe, Path(out_dir), dist_info, log, progress
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    """`out_dir`: the checkpoint folder, or None for no checkpoints at all (the shipped script).
+    `checkpoint_key`: what a checkpoint must have been written under to be resumed (default: the
+    training config); pgolf run adds the training data's and the code's content hashes."""
+
+    def __init__(self, recipe: Recipe, shard_paths, out_dir: Optional[Path], dist_info: DistInfo,
+                 log: Callable[[str], None] = print, progress: Optional[Callable] = None,
+                 checkpoint_key: Optional[dict] = None):
+        self.recipe, self.dist, self.log, self.progress = recipe, dist_info, log, progress
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_key = checkpoint_key if checkpoint_key is not None else {"training": training_config(recipe)}
+        self._stop_signal: Optional[int] = None
         t = recipe.train
         self.accum = grad_accum_steps(recipe, dist_info.world_size)
         micro_tokens_global = t.batch_tokens // self.accum
@@ -139,6 +158,14 @@ class Trainer:
             raise UserError(f"train.batch_tokens ({t.batch_tokens}) must split into {self.accum} micro-steps x "
                             f"{dist_info.world_size} ranks of whole train.seq_len ({t.seq_len}) sequences.")
         self.local_tokens = micro_tokens_global // dist_info.world_size
+        # Each loaded micro-batch runs in chunks of train.micro_batch_seqs sequences (0 = all at
+        # once): the same tokens and the same mean loss, less activation memory per pass.
+        local_seqs, mbs = self.local_tokens // t.seq_len, t.micro_batch_seqs
+        if mbs < 0 or (mbs and local_seqs % mbs):
+            fits = [d for d in range(1, local_seqs + 1) if local_seqs % d == 0]
+            raise UserError(f"train.micro_batch_seqs ({mbs}) must be 0 (off) or divide the {local_seqs} sequences "
+                            f"each rank runs per micro-step; one of {fits}.")
+        self.chunk_seqs = mbs or local_seqs
         seed_everything(recipe.seed)
         self.model = build_model(recipe.model).to(dist_info.device)
         self.optimizers = build_optimizers(self.model, recipe.optim, rank=dist_info.rank,
@@ -165,12 +192,20 @@ class Trainer:
                 "optimizers": [o.state_dict() for o in self.optimizers],
                 "ema": self.ema.state_dict() if self.ema else None, "loader": self.loader.state_dict(),
                 "grad_conditioning": self.grad_state.state_dict(), "rng": _rng_state(), "history": self.history,
-                "training_config": training_config(self.recipe)}
+                "checkpoint_key": self.checkpoint_key}
 
     def _rank_optim_path(self) -> Path:
         return self.out_dir / f"optim_rank{self.dist.rank}.pt"
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> bool:
+        """Write the checkpoint (no-op without a folder). Refuses a non-finite state, so whatever
+        checkpoint exists is a good one; returns whether it wrote."""
+        if self.out_dir is None:
+            return False
+        bad = self.non_finite_state()
+        if bad:
+            self.log(f"checkpoint not written: {bad} is not finite; the previous checkpoint is kept")
+            return False
         # Muon keeps each matrix's momentum only on the rank that owns it, so with several
         # ranks every rank saves its own optimizer state beside rank 0's checkpoint.
         if self.dist.world_size > 1:
@@ -178,18 +213,40 @@ class Trainer:
                          self._rank_optim_path())
         if self.dist.is_main:
             _atomic_save(self._state(), self.out_dir / CHECKPOINT)
+        return True
+
+    def non_finite_state(self) -> Optional[str]:
+        """The first parameter, EMA tensor or optimizer-state tensor holding NaN/inf, or None."""
+        for name, p in self.model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                return f"parameter {name}"
+        if self.ema is not None:
+            for name, t in self.ema.state_dict().items():
+                if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return f"EMA tensor {name}"
+        for i, opt in enumerate(self.optimizers):
+            for state in opt.state.values():
+                for key, t in state.items():
+                    if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        return f"optimizer {i} state {key}"
+        return None
 
     def try_resume(self) -> Optional[int]:
+        if self.out_dir is None:
+            return None
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             return None
         state = torch.load(path, map_location=self.dist.device, weights_only=False)
-        if state["training_config"] != training_config(self.recipe):
-            # A changed recipe starts over; the old checkpoint is kept aside, not overwritten.
+        written_under = state.get("checkpoint_key") or {}
+        if written_under != self.checkpoint_key:
+            # Never resume what another config, other data or other code produced; keep it aside.
+            changed = sorted(k for k in set(written_under) | set(self.checkpoint_key)
+                             if written_under.get(k) != self.checkpoint_key.get(k))
             stale = path.with_name("ckpt.stale.pt")
             os.replace(path, stale)
-            self.log(f"checkpoint {path} is from a different training configuration; starting fresh "
-                     f"(old checkpoint kept as {stale})")
+            self.log(f"checkpoint {path} was written for a different {'/'.join(changed) or 'run'}; starting fresh "
+                     f"(old checkpoint kept as {stale.name})")
             return None
         if state.get("world_size", 1) != self.dist.world_size:
             raise UserError(f"{path} was written by {state.get('world_size', 1)} processes; resume with the same "
@@ -224,15 +281,23 @@ class Trainer:
         lr_mul = lr_multiplier(self.step, r.train, self.train_time)
         apply_schedule(self.optimizers, lr_mul, muon_momentum(self.step, r.optim))
         total = torch.zeros((), device=self.dist.device)
+        chunks = self.local_tokens // (r.train.seq_len * self.chunk_seqs)
+        # Every pass holds the same number of tokens, so the mean of the pass means is the
+        # step's mean loss: scaling each backward by 1/passes accumulates the unsplit gradient.
+        passes = self.accum * chunks
+        ddp = isinstance(self.step_model, DistributedDataParallel)
         for micro in range(self.accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
-            sync = micro == self.accum - 1 or not isinstance(self.step_model, DistributedDataParallel)
-            ctx = self.step_model.no_sync() if not sync else _null()
-            with ctx, self._autocast():
-                loss, _aux = self.step_model(x, y, self.step)
-            (loss / self.accum).backward()
-            total += loss.detach()
+            for c in range(chunks):
+                rows = slice(c * self.chunk_seqs, (c + 1) * self.chunk_seqs)
+                # DDP all-reduces once per step, in its last backward.
+                sync = not ddp or (micro == self.accum - 1 and c == chunks - 1)
+                ctx = self.step_model.no_sync() if not sync else _null()
+                with ctx, self._autocast():
+                    loss, _aux = self.step_model(x[rows], y[rows], self.step)
+                (loss / passes).backward()
+                total += loss.detach()
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
         params = [p for _, p in named]
         if r.train.nan_to_num_grads:
@@ -246,7 +311,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         self.tokens_seen += r.train.batch_tokens
-        return float(total.item()) / self.accum, float(grad_norm)
+        return float(total.item()) / passes, float(grad_norm)
 
     # ------------------------------------------------------------------ priming
     def prime(self) -> None:
@@ -281,12 +346,23 @@ class Trainer:
         else:
             self.prime()
         last_good = resumed
+        self.stopped_by = "max_steps"
+        restore = self._catch_signals()
         try:
             while self.step < t.max_steps:
-                if t.max_wallclock_s and all_reduce_max(self.train_time, self.dist.device) >= t.max_wallclock_s:
+                train_time, stop = self._collective_state()
+                if stop:
+                    # A signal arrived during the last step: stop here, at a step boundary.
+                    saved = self.save_checkpoint()
+                    self.log(f"interrupted at step={self.step}; "
+                             + ("checkpoint saved, rerun to resume" if saved else "no checkpoint (none configured)"))
+                    raise KeyboardInterrupt
+                if t.max_wallclock_s and train_time >= t.max_wallclock_s:
                     self.log(f"stopping_early: wallclock_cap train_time={self.train_time:.1f}s step={self.step}")
+                    self.stopped_by = "wallclock"
                     break
                 if stop_at_step is not None and self.step >= stop_at_step:
+                    self.stopped_by = "stop_at_step"
                     break
                 self._sync()
                 t0 = time.perf_counter()
@@ -294,26 +370,81 @@ class Trainer:
                 self._sync()
                 self.train_time += time.perf_counter() - t0
                 self.step += 1
-                if not math.isfinite(loss):
-                    where = (f"the last good checkpoint (step {last_good}) is kept at {self.out_dir / CHECKPOINT}"
-                             if last_good is not None else "no checkpoint had been written yet")
-                    raise NonFiniteLossError(
-                        f"training loss became {loss} at step {self.step}; stopped. {where}. Lower optim.*_lr or "
-                        f"set train.grad_clip, then rerun (it resumes from the checkpoint).")
+                self._check_health(loss, grad_norm, last_good)
                 self._after_step(loss, grad_norm, validate)
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                    self.save_checkpoint()
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.save_checkpoint():
                     last_good = self.step
             self.save_checkpoint()
         except KeyboardInterrupt:
-            # Nothing lost on interruption: the last *completed* step is saved before exiting.
-            self.save_checkpoint()
-            self.log(f"interrupted at step={self.step}; checkpoint saved, rerun to resume")
+            if self._stop_signal is None:
+                # Raised mid-step (a second Ctrl-C): that state is not a step boundary, so nothing
+                # is saved; the last scheduled checkpoint stays the resume point.
+                self.log(f"interrupted inside step {self.step + 1}; resume point: "
+                         + (f"step {last_good}" if last_good is not None else "the start"))
             raise
         finally:
+            restore()
             if hasattr(self.loader, "close"):
                 self.loader.close()  # stop a prefetch thread (PR #684's never stopped)
-        return TrainResult(self.step, self.train_time, self.tokens_seen, self.history, resumed)
+        return TrainResult(self.step, self.train_time, self.tokens_seen, self.history, resumed, self.stopped_by)
+
+    # ------------------------------------------------------------------ interruption and health
+    def _catch_signals(self) -> Callable[[], None]:
+        """SIGINT/SIGTERM set a flag the loop reads at the next step boundary; a second signal
+        interrupts at once. Returns a function restoring the previous handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None  # handlers can only be installed from the main thread
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            self.log(f"signal {signal.Signals(signum).name}: stopping after step {self.step + 1} "
+                     "(send it again to stop at once)")
+
+        for sig in previous:
+            signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+    def _collective_state(self) -> tuple[float, bool]:
+        """(max training time over ranks, whether any rank was signalled): one all-reduce, so every
+        rank stops at the same step boundary."""
+        stop = self._stop_signal is not None
+        if self.dist.world_size == 1 or not torch.distributed.is_initialized():
+            return self.train_time, stop
+        both = torch.tensor([self.train_time, float(stop)], dtype=torch.float64, device=self.dist.device)
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        return float(both[0]), bool(both[1])
+
+    def _parameters_finite(self) -> bool:
+        # One host sync for all parameters (the slow, naming pass runs only on failure).
+        flags = torch.stack([torch.isfinite(p.detach()).all() for p in self.model.parameters()])
+        return bool(flags.all())
+
+    def _check_health(self, loss: float, grad_norm: float, last_good: Optional[int]) -> None:
+        """Stop at this step, naming what is non-finite: the loss, the gradient norm or a parameter."""
+        what = None
+        if not math.isfinite(loss):
+            what = f"training loss became {loss}"
+        elif not math.isfinite(grad_norm):
+            what = f"the gradient norm became {grad_norm}"
+        elif not self._parameters_finite():
+            what = f"{self.non_finite_state() or 'a parameter'} became non-finite"
+        if what is None:
+            return
+        if last_good is not None:
+            where = (f"the last good checkpoint (step {last_good}) is kept at {self.out_dir / CHECKPOINT}; a rerun "
+                     "resumes from it")
+        else:
+            where = "no checkpoint had been written yet"
+        raise NonFiniteLossError(f"{what} at step {self.step}; stopped. {where}. Lower optim.*_lr or set "
+                                 f"train.grad_clip, then rerun.")
 
     def _after_step(self, loss: float, grad_norm: float, validate) -> None:
         t = self.recipe.train
@@ -366,9 +497,49 @@ class _null:
         return False
 
 
-def train(recipe: Recipe, shard_paths, out_dir: Path, dist_info: DistInfo, log=print, progress=None,
-          validate=None, stop_at_step=None) -> tuple[TrainResult, torch.nn.Module]:
-    """Run (or resume) training; returns the result and the model holding the exported weights."""
-    trainer = Trainer(recipe, shard_paths, out_dir, dist_info, log=log, progress=progress)
+def train(recipe: Recipe, shard_paths, out_dir: Optional[Path], dist_info: DistInfo, log=print, progress=None,
+          validate=None, stop_at_step=None, checkpoint_key: Optional[dict] = None
+          ) -> tuple[TrainResult, torch.nn.Module]:
+    """Run (or resume) training; returns the result and the model holding the exported weights (the
+    EMA when enabled)."""
+    trainer = Trainer(recipe, shard_paths, out_dir, dist_info, log=log, progress=progress,
+                      checkpoint_key=checkpoint_key)
     result = trainer.run(validate=validate, stop_at_step=stop_at_step)
     return result, trainer.ema_model()
+
+
+# ---------------------------------------------------------------------------------------- the stage
+
+WEIGHTS = "weights.pt"  # the exported (EMA) state_dict, fp32 on the CPU; the export stage reads it
+
+
+def _run_train_stage(ctx: Context) -> dict:
+    r = ctx.recipe
+    if ctx.preflight is not None:
+        ctx.preflight(r, ctx.dist, ctx.log)
+    progress = ctx.progress_factory(r.train.max_steps) if ctx.progress_factory and ctx.dist.is_main else None
+    validate = None
+    if r.train.val_every:
+        from pipeline.stages.evaluate import make_validator
+
+        validate = make_validator(ctx.data, r, ctx.dist)
+    try:
+        result, exported = train(r, ctx.data.train_shards, ctx.checkpoint_dir, ctx.dist, log=ctx.log,
+                                             progress=progress, validate=validate,
+                                             checkpoint_key=ctx.checkpoint_key)
+    finally:
+        if progress is not None:
+            progress.close()
+    weights = ctx.path("train", WEIGHTS)
+    if ctx.dist.is_main:
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save({k: v.detach().cpu() for k, v in exported.state_dict().items()}, weights)
+    barrier(ctx.dist)
+    ctx.log(f"train_done steps={result.steps} train_time={result.train_time_s:.1f}s tokens_seen={result.tokens_seen} "
+            f"stopped_by={result.stopped_by} exported={'ema' if r.ema.enabled else 'raw'} weights")
+    return {"steps": result.steps, "train_time_s": result.train_time_s, "tokens_seen": result.tokens_seen,
+            "stopped_by": result.stopped_by, "history": result.history, "weights_sha256": file_sha256(weights)}
+
+
+TRAIN = Stage("train", depends_on=lambda ctx: training_config(ctx.recipe), data_inputs=("train",), files=(WEIGHTS,),
+              run=_run_train_stage)

@@ -1,0 +1,93 @@
+"""Stage `export`: the trained weights become the artifact, written to disk and read back.
+
+    quantize (the recipe's plan) -> pack (zstd-22 container, sha256 beside it, size gate)
+    -> read the blob back from disk (checksum, decode, every tensor finite)
+
+The weights come from the train stage's file, checked against the sha256 it recorded. The blob's
+metadata is the recipe name, seed and model config, so `pgolf run` and the shipped `train_gpt.py`
+write byte-identical blobs for the same weights. Sizes under the recipe's `quant.compare` plans
+(e.g. PR #298's int8 + zlib-9) are reported beside it, unscored. Runtime-pure.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import Recipe, to_dict
+from pipeline.distributed import barrier, broadcast_from_main
+from pipeline.errors import UserError
+from pipeline.export.artifact import load_artifact, package_model, serialize, size_lines
+from pipeline.export.codec import compress
+from pipeline.export.plan import quantize_state_dict
+from pipeline.fileio import file_sha256
+from pipeline.stages.base import Context, Stage
+from pipeline.stages.train import WEIGHTS
+
+BLOB = "model.bin"
+
+
+def load_weights(ctx: Context) -> dict[str, torch.Tensor]:
+    """The train stage's exported state_dict (CPU tensors), verified against its recorded sha256."""
+    path = ctx.path("train", WEIGHTS)
+    expected = ctx.outputs["train"]["weights_sha256"]
+    if not path.is_file() or file_sha256(path) != expected:
+        raise UserError(f"{path} is missing or does not match the sha256 the train stage recorded ({expected[:12]}…); "
+                        "it was changed after training. Delete it and rerun to retrain, or restore it.")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def blob_meta(recipe: Recipe) -> dict:
+    """The identity written into the blob: same recipe and weights, same bytes, whoever writes it."""
+    return {"recipe": recipe.name, "seed": recipe.seed, "model": to_dict(recipe.model)}
+
+
+def compare_sizes(state: dict, recipe: Recipe) -> dict:
+    """Model bytes under each `quant.compare` plan, unscored."""
+    sizes = {}
+    for plan in recipe.quant.compare:
+        q = quantize_state_dict(state, plan.rules)
+        sizes[plan.name] = len(compress(serialize(q, {"recipe": recipe.name, "plan": plan.name}),
+                                        plan.compressor, plan.level))
+    return sizes
+
+
+def _run_export(ctx: Context) -> dict:
+    r = ctx.recipe
+    blob = ctx.path("export", BLOB)
+    # Rank 0 writes the blob; every rank then reads the same file back (a failure on rank 0
+    # reaches the others as the same error instead of a hang).
+    result = None
+    if ctx.dist.is_main:
+        try:
+            state = load_weights(ctx)
+            qmodel = quantize_state_dict(state, r.quant.rules)
+            result = package_model(qmodel, blob, r.package, ctx.code_bytes, meta=blob_meta(r))
+            result["compare"] = compare_sizes(state, r)
+        except UserError as e:
+            broadcast_from_main(ctx.dist, ("error", type(e), str(e)))
+            raise
+        broadcast_from_main(ctx.dist, ("ok", None, result))
+    else:
+        status, kind, payload = broadcast_from_main(ctx.dist, None)
+        if status == "error":
+            raise kind(payload)
+        result = payload
+    barrier(ctx.dist)
+    decoded, _meta = load_artifact(blob, result["sha256"])  # what ships, read back from disk
+    for line in size_lines(result):
+        ctx.log(line)
+    for group, g in result["groups"].items():
+        ctx.log(f"export_group group={group} tensors={g['tensors']} raw_bytes={g['raw_bytes']} "
+                f"compressed_bytes={g['compressed_bytes']}")
+    for name, nbytes in result["compare"].items():
+        ctx.log(f"Compare plan {name}: model {nbytes} bytes + code {ctx.code_bytes} = {nbytes + ctx.code_bytes} bytes")
+    ctx.log(f"export_done artifact_sha256={result['sha256']} tensors={len(decoded)} read_back=ok")
+    return result
+
+
+def export_config(ctx: Context) -> dict:
+    return {"quant": to_dict(ctx.recipe.quant), "package": to_dict(ctx.recipe.package),
+            "meta": blob_meta(ctx.recipe), "code_bytes": ctx.code_bytes}
+
+
+EXPORT = Stage("export", depends_on=export_config, data_inputs=(), files=(BLOB,), run=_run_export)
