@@ -4,7 +4,8 @@
 #   make test                         set-up + the test suite
 #   make check RECIPE=sidecar48       params and predicted artifact bytes, no training
 #   make audit RECIPE=depth_recurrent causality battery
-#   make submit RECIPE=sidecar48 SEEDS=1337,42,2025 DATA=path/to/shards
+#   make submit RECIPE=sidecar48 SEEDS=1337,42,2025 DATA=path/to/shards [NPROC=8]
+#   make reproduce RECIPE=sidecar48 [SEEDS=13,1111,1337]   our figures beside the published ones
 #
 # TORCH selects the PyTorch build: the default is the CPU build pinned for this project.
 # On a CUDA machine pass a CUDA build and its wheel index, e.g.
@@ -15,16 +16,19 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 RECIPE ?= tiny
-SEEDS ?= 1337,42,2025
+SEEDS ?=
 DATA ?=
+NPROC ?=
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 DATA_ARG := $(if $(DATA),--data $(DATA),)
+SEEDS_ARG := $(if $(SEEDS),--seeds $(SEEDS),)
+NPROC_ARG := $(if $(NPROC),--nproc $(NPROC),)
 
-.PHONY: run test check audit submit setup corpus clean
+.PHONY: run test check audit submit reproduce setup corpus clean
 
 setup: $(STAMP)
 
@@ -52,7 +56,10 @@ audit: $(STAMP)
 	$(BIN)/pgolf audit $(RECIPE)
 
 submit: $(STAMP)
-	$(BIN)/pgolf submit $(RECIPE) --seeds $(SEEDS) $(DATA_ARG)
+	$(BIN)/pgolf submit $(RECIPE) $(SEEDS_ARG) $(DATA_ARG) $(NPROC_ARG)
+
+reproduce: $(STAMP)
+	$(BIN)/pgolf reproduce $(RECIPE) $(SEEDS_ARG) $(DATA_ARG)
 
 clean:
 	rm -rf artifacts

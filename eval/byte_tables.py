@@ -44,6 +44,7 @@ Usage:
     nbytes = tables.target_bytes(prev_ids, tgt_ids)   # int64, same shape as the inputs
     total = tables.count_bytes(stream)                  # all (prev, target) pairs of a stream
     tables = tables.with_token_bytes(sidecar)           # uint16 [len(stream)], then byte_source == "sidecar"
+    tables = ByteTables.from_token_bytes(pieces)        # tiktoken: pieces[id] = the token's bytes or None
 """
 
 from __future__ import annotations
@@ -140,6 +141,29 @@ class ByteTables:
         if exact:
             tables.check_exact(sp)
         return tables
+
+    @classmethod
+    def from_token_bytes(cls, pieces, vocab_size: int = 0) -> "ByteTables":
+        """Tables of a byte-level tokenizer whose every token stands for known bytes (tiktoken;
+        `pipeline.data.tiktoken_file`). `pieces[id]` is the token's bytes, or None for an id
+        that stands for no text (pad/bos/eos/unk, unused ids): those count 0 bytes and are
+        boundaries. No leading-space rule: a space is part of a token's bytes, so a target
+        counts len(pieces[t]) whatever precedes it and any text sums to its UTF-8 length.
+        The tables have max(len(pieces), vocab_size) slots (extra slots are boundaries).
+        Raises UserError for a token longer than the int16 table holds."""
+        size = max(len(pieces), int(vocab_size))
+        base = np.zeros(size, dtype=np.int16)
+        boundary = np.ones(size, dtype=np.bool_)
+        for tid, piece in enumerate(pieces):
+            if piece is None:
+                continue
+            if len(piece) > np.iinfo(np.int16).max:
+                raise UserError(f"token {tid} stands for {len(piece)} bytes, more than the byte tables hold "
+                                f"({np.iinfo(np.int16).max}); use a tokenizer with shorter tokens")
+            base[tid] = len(piece)
+            boundary[tid] = False
+        return cls(torch.from_numpy(base), torch.from_numpy(np.zeros(size, dtype=np.bool_)),
+                   torch.from_numpy(boundary))
 
     def check_exact(self, sp, texts=_PROBES) -> None:
         """Raise a UserError unless the table formula counts `[BOS] + sp.encode(text)` as

@@ -268,6 +268,21 @@ def submit(recipe, seeds, data_dir, out_root, records_root, device, nproc, again
     click.echo(f"records folder: {folder}")
 
 
+@cli.command()
+@recipe_arg
+@click.option("--seeds", type=SEED_LIST, default=None, help="Comma-separated seeds (default: the published ones).")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--out", "out_root", type=OUTPUT_DIR, default=Path("artifacts"), show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@set_opt
+def reproduce(recipe, seeds, data_dir, out_root, device, overrides):
+    """Run a published entry's seeds and print our figures beside its published ones (no records folder)."""
+    from pipeline.reproduce import reproduce as do_reproduce
+
+    do_reproduce(recipe, seeds, overrides, data_dir, out_root, device=device, echo=echo,
+                 embedded=_embedded_data_dir, progress_factory=progress_factory())
+
+
 cli.add_command(compare_cmd)
 
 

@@ -7,28 +7,42 @@ Standard library only: the generated submission script bundles it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 
-def atomic_write(path, chunks: Iterable[bytes] | bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that wants a file name (torch.save, savefig):
+    flushed to disk and renamed onto `path` when the block ends normally, removed otherwise.
+    The one mechanism behind every write pgolf makes."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if isinstance(chunks, (bytes, bytearray)):
-        chunks = (chunks,)
     try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write(path, chunks: Iterable[bytes] | bytes) -> None:
+    if isinstance(chunks, (bytes, bytearray)):
+        chunks = (chunks,)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """`text` as UTF-8, written atomically."""
+    atomic_write(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path, obj: Any) -> None:

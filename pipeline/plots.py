@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.fileio import atomic_path  # noqa: E402
+
 
 def plot_run(report: dict, history: list, out_path: Path) -> Path:
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -42,10 +44,9 @@ def plot_run(report: dict, history: list, out_path: Path) -> Path:
 def _save(fig, out_path) -> Path:
     fig.tight_layout()
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(out_path)
     return out_path
 
 

@@ -725,6 +725,9 @@ def _raise(problems: list[_Problem], flags: list[_Flag], source: str) -> typing.
 def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), seed: int | None = None) -> C.Recipe:
     path = resolve_recipe_path(recipe)
     data = _compose(path)
+    # A reproduced entry's published figures are for `pgolf reproduce` (pipeline.reproduce), not
+    # part of the run's settings.
+    data.pop("published", None)
     data.setdefault("name", path.stem)
     flags: list[_Flag] = []
     problems: list[_Problem] = []

@@ -6,8 +6,9 @@ score-first TTT) -> report. Every figure it prints is what `pgolf submit` puts i
 Settings come from the embedded recipe; paths and the seed from the environment, as the challenge's
 scripts do:
 
-    DATA_PATH       shards (default ./data/datasets/fineweb10B_sp1024)
-    TOKENIZER_PATH  the .model (default DATA_PATH/tokenizer.model)
+    DATA_PATH       shards (default ./data/datasets/fineweb10B_sp<vocab>)
+    TOKENIZER_PATH  the .model (default DATA_PATH/tokenizer.model if present, else the
+                    challenge's ./data/tokenizers/fineweb_<vocab>_bpe.model)
     SEED            overrides the recipe's seed
     RUN_ID          a label for the log's first line
     OUT_DIR         where the weights, the blob and report.json go (default .)
@@ -46,8 +47,8 @@ def run_script(recipe: Recipe, script_path: str, data_dir: Path, tokenizer_path,
     log = Logger(lambda line: print(line, flush=True), legality_tag(recipe), enabled=info.is_main)
     log(f"pgolf train_gpt.py recipe={recipe.name} seed={recipe.seed} run_id={run_id or '-'} "
         f"world_size={info.world_size} device={info.device}")
-    data = ev.load_data(data_dir, recipe, tokenizer_path)
-    tok = Path(tokenizer_path) if tokenizer_path else Path(data_dir) / "tokenizer.model"
+    tok = Path(tokenizer_path) if tokenizer_path else default_tokenizer(data_dir, recipe.model.vocab_size)
+    data = ev.load_data(data_dir, recipe, tok)
     val_paths = list_shards(data_dir, "val")
     check_meta(data_dir, tok, data.train_shards, val_paths)
     tok_sha = file_sha256(tok)
@@ -62,6 +63,12 @@ def run_script(recipe: Recipe, script_path: str, data_dir: Path, tokenizer_path,
     return run_stages(STAGES, ctx)["report"]
 
 
+def default_tokenizer(data_dir: Path, vocab_size: int) -> Path:
+    """The tokenizer beside the shards (pgolf's layout), else where the challenge keeps it."""
+    beside = Path(data_dir) / "tokenizer.model"
+    return beside if beside.exists() else Path(f"./data/tokenizers/fineweb_{vocab_size}_bpe.model")
+
+
 def main(recipe_json: str, script_path: str) -> None:
     recipe = from_dict(Recipe, json.loads(recipe_json))
     try:
@@ -70,7 +77,7 @@ def main(recipe_json: str, script_path: str) -> None:
                 recipe = replace(recipe, seed=int(os.environ["SEED"]))
             except ValueError:
                 raise UserError(f"SEED={os.environ['SEED']!r} is not an integer") from None
-        data_dir = Path(os.environ.get("DATA_PATH", "./data/datasets/fineweb10B_sp1024"))
+        data_dir = Path(os.environ.get("DATA_PATH", f"./data/datasets/fineweb10B_sp{recipe.model.vocab_size}"))
         run_script(recipe, script_path, data_dir, os.environ.get("TOKENIZER_PATH") or None,
                    Path(os.environ.get("OUT_DIR", ".")), os.environ.get("RUN_ID", ""),
                    os.environ.get("PGOLF_DEVICE", "auto"))

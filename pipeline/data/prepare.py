@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from eval.byte_tables import ByteTables
-from pipeline.data.shards import ShardWriter, list_shards, read_header
+from pipeline.data.shards import MAX_TOKEN, SHARD_SIZE, list_shards, read_header, shard_name, write_shard
 from pipeline.data.tokenizer import (
     BOS_ID,
     check_vocab,
@@ -54,12 +54,17 @@ from pipeline.data.tokenizer import (
     train_tokenizer_docs,
 )
 from pipeline.errors import UserError
-from pipeline.fileio import file_sha256, write_json_atomic
+from pipeline.fileio import atomic_write, file_sha256, write_json_atomic
 
 DEFAULT_VOCAB = 1024
 TOKENIZER_FILE = "tokenizer.model"
 META_FILE = "meta.json"
 TRAIN_FRACTION = 0.9
+# The challenge's export (data/download_hf_docs_and_tokenize.py; pg_mechanics.md §1.1, §1.5): shards
+# named fineweb_{val,train}_NNNNNN.bin, the first 50,000 documents (or the docs sidecar's
+# `docs_val`) validation.
+CHALLENGE_PREFIX = "fineweb"
+CHALLENGE_VAL_DOCS = 50_000
 # SentencePiece holds its whole training text in memory (several times over); beyond this many
 # bytes of training text, more data barely changes a small vocabulary.
 TOKENIZER_MAX_TRAIN_BYTES = 200_000_000
@@ -106,9 +111,19 @@ def _encode(sp, text: str, chunkable: bool) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _install_tokenizer(stage: Path, tokenizer_path, vocab_size, train_docs: Callable[[], Iterator[str]]):
-    """Put tokenizer.model into `stage`; return (processor, meta fields)."""
+def _install_tokenizer(stage: Path, tokenizer_path, vocab_size, train_docs: Callable[[], Iterator[str]],
+                       tiktoken_pattern: Optional[str] = None):
+    """Put tokenizer.model into `stage`; return (tokenizer, meta fields). `tokenizer_path` is a
+    SentencePiece .model, a tiktoken spec (`tiktoken:NAME` or FILE.tiktoken, with
+    `tiktoken_pattern` for a file), or None to train pgolf's lossless BPE on `train_docs()`."""
+    from pipeline.data.tiktoken_tokenizer import is_tiktoken_spec
+
     dest = stage / TOKENIZER_FILE
+    if tokenizer_path is not None and is_tiktoken_spec(tokenizer_path):
+        return _install_tiktoken(dest, tokenizer_path, vocab_size, tiktoken_pattern)
+    if tiktoken_pattern is not None:
+        raise UserError("--tiktoken-pattern goes with a tiktoken tokenizer (--tokenizer FILE.tiktoken); drop it or "
+                        "pass one.")
     if tokenizer_path is not None:
         tokenizer_path = Path(tokenizer_path)
         sp = load_tokenizer(tokenizer_path)
@@ -130,6 +145,7 @@ def _install_tokenizer(stage: Path, tokenizer_path, vocab_size, train_docs: Call
     except UserError as e:
         raise UserError(f"tokenizer {tokenizer_path or dest}: {e}") from None
     info = {
+        "tokenizer_kind": "sentencepiece",
         "vocab_size": sp.vocab_size(),
         "tokenizer": TOKENIZER_FILE,
         "tokenizer_sha256": file_sha256(dest),
@@ -137,6 +153,20 @@ def _install_tokenizer(stage: Path, tokenizer_path, vocab_size, train_docs: Call
         "lossless": is_lossless(sp),
     }
     return sp, info
+
+
+def _install_tiktoken(dest: Path, spec, vocab_size, pattern):
+    from pipeline.data.tiktoken_tokenizer import load_tiktoken, tiktoken_meta
+
+    tok = load_tiktoken(spec, pattern)
+    if vocab_size is not None and vocab_size != tok.vocab_size():
+        raise UserError(f"{spec}: the tiktoken tokenizer has {tok.vocab_size()} shard ids (its ranks + 4 reserved) "
+                        f"but --vocab is {vocab_size}; pass --vocab {tok.vocab_size()} or leave it out.")
+    tok.check_exact(tok.byte_tables())
+    atomic_write(dest, tok.ranks_file_bytes())
+    info = {"vocab_size": tok.vocab_size(), "tokenizer": TOKENIZER_FILE, "tokenizer_sha256": file_sha256(dest),
+            "tokenizer_trained": False, "lossless": True, **tiktoken_meta(tok)}
+    return tok, info
 
 
 def _capped(texts: Iterator[str], cap: int) -> Iterator[str]:
@@ -197,8 +227,51 @@ def _build_into(out_dir: Path, source: Path, source_sha: str, build: Callable[[P
     return meta
 
 
-def _write_split(stage: Path, prefix: str, split: str, arrays) -> tuple[int, int]:
-    writer = ShardWriter(stage, prefix, split)
+class _ShardBuffer:
+    """Streams one split into consecutive shards through a single uint16 buffer of `shard_size`
+    tokens, as the challenge's exporter does, so memory holds one shard at most however large
+    the input (2 bytes a token: 200 MB at the challenge's 10^8). Documents straddle shards."""
+
+    def __init__(self, out_dir: Path, prefix: str, split: str, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        self.out_dir, self.prefix, self.split = out_dir, prefix, split
+        self.buf = np.empty(shard_size, dtype=np.uint16)  # pages are only touched as it fills
+        self.fill = 0
+        self.n_tokens = 0
+        self.paths: list[Path] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > MAX_TOKEN):
+            bad = int(tokens.max()) if int(tokens.max()) > MAX_TOKEN else int(tokens.min())
+            raise UserError(f"token id {bad} does not fit the shard format's uint16 payload (ids 0..{MAX_TOKEN}); "
+                            f"use a tokenizer with at most 65,536 ids.")
+        pos = 0
+        while pos < tokens.size:
+            take = min(self.buf.size - self.fill, tokens.size - pos)
+            self.buf[self.fill : self.fill + take] = tokens[pos : pos + take]
+            self.fill += take
+            pos += take
+            if self.fill == self.buf.size:
+                self._flush()
+        self.n_tokens += tokens.size
+
+    def _flush(self) -> None:
+        path = self.out_dir / shard_name(self.prefix, self.split, len(self.paths))
+        write_shard(path, self.buf[: self.fill])
+        self.paths.append(path)
+        self.fill = 0
+
+    def close(self) -> list[Path]:
+        if self.fill:
+            self._flush()
+        self.buf = np.empty(0, dtype=np.uint16)
+        return self.paths
+
+
+def _write_split(stage: Path, prefix: str, split: str, arrays, shard_size: int = SHARD_SIZE) -> tuple[int, int]:
+    """Write a split's token arrays (each `[BOS] + tokens`) as shards; return (tokens, shards)."""
+    writer = _ShardBuffer(stage, prefix, split, shard_size)
     for arr in arrays:
         writer.add(arr)
     paths = writer.close()

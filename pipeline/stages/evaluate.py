@@ -61,8 +61,17 @@ def load_data(data_dir: Path, recipe: Recipe, tokenizer_path: Optional[Path] = N
     if not tok_path.exists():
         raise UserError(f"tokenizer {tok_path} does not exist; re-run `pgolf data prepare --out {data_dir}` "
                         f"or point at the .model file that tokenized these shards.")
-    sp = load_tokenizer(tok_path)
-    check_vocab(sp, recipe.model.vocab_size, tok_path)
+    from pipeline.data import tiktoken_file  # stdlib only: a tiktoken directory's ranks, without tiktoken
+
+    if tiktoken_file.tokenizer_kind(data_dir, tok_path) == tiktoken_file.KIND:
+        pieces, sp, bos = tiktoken_file.token_bytes_by_id(tok_path), None, tiktoken_file.BOS_ID
+        if len(pieces) != recipe.model.vocab_size:
+            raise UserError(f"{tok_path}: the tiktoken tokenizer has {len(pieces)} shard ids (its ranks + 4 reserved) "
+                            f"but model.vocab_size is {recipe.model.vocab_size}; set model.vocab_size: {len(pieces)}.")
+    else:
+        sp = load_tokenizer(tok_path)
+        check_vocab(sp, recipe.model.vocab_size, tok_path)
+        bos = sp.bos_id()
     val = np.concatenate([np.asarray(load_shard(p), dtype=np.uint16) for p in val_paths])
     sidecar = load_byte_sidecar(val_paths)
     if recipe.data.max_val_tokens:
@@ -71,9 +80,10 @@ def load_data(data_dir: Path, recipe: Recipe, tokenizer_path: Optional[Path] = N
     if int(val.max()) >= recipe.model.vocab_size:
         raise UserError(f"validation shards in {data_dir} hold token id {int(val.max())} >= model.vocab_size "
                         f"{recipe.model.vocab_size}; prepare the data with a matching tokenizer.")
-    tables = ByteTables.from_sentencepiece(sp, recipe.model.vocab_size)
+    tables = (ByteTables.from_sentencepiece(sp, recipe.model.vocab_size) if sp is not None
+              else ByteTables.from_token_bytes(pieces, recipe.model.vocab_size))
     if sidecar is not None:
-        bad = np.flatnonzero((val == sp.bos_id()) & (sidecar != 0))  # BOS stands for no text
+        bad = np.flatnonzero((val == bos) & (sidecar != 0))  # BOS stands for no text
         if bad.size:
             raise UserError(f"the byte sidecar of {data_dir} gives {int(sidecar[bad[0]])} bytes to val token "
                             f"{int(bad[0])}, a BOS (0 bytes), so it does not match these shards; re-export both.")

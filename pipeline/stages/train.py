@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.config import Recipe, to_dict
 from pipeline.distributed import DistInfo, barrier, seed_everything
 from pipeline.errors import NonFiniteLossError, UserError
-from pipeline.fileio import file_sha256
+from pipeline.fileio import atomic_path, file_sha256
 from pipeline.model import build_model
 from pipeline.optim.build import build_optimizers
 from pipeline.optim.grad_transforms import (GradConditioningState, check_grad_conditioning, clip_grad_norm,
@@ -132,9 +132,8 @@ def _set_rng_state(s: dict) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class Trainer:
