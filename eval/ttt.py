@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
@@ -87,9 +88,12 @@ def check_score_before_update(events) -> list[str]:
 
 def score_first_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConfig, ttt_cfg: TTTConfig,
                     device, rank: int = 0, world_size: int = 1, progress=None,
-                    events=None) -> EvalResult:
+                    events=None, micro_seqs: Optional[int] = None) -> EvalResult:
     """Legal score-first chunked TTT (PR #549). Returns the global EvalResult of the scores
-    committed chunk by chunk; `progress(done_chunks, num_chunks)`."""
+    committed chunk by chunk; `progress(done_chunks, num_chunks)`. `micro_seqs`: the most
+    sequences one forward/backward pass holds (default: ttt.batch_seqs); it bounds memory and
+    does not change the steps."""
+    micro_seqs = micro_seqs or ttt_cfg.batch_seqs
     _check_world(world_size)
     if eval_cfg.mode == "pr298_all_positions":
         raise UserError("score-first TTT needs each token scored once; eval.mode "
@@ -132,7 +136,7 @@ def score_first_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConfig, ttt
                 first = c * chunk  # stream position of the chunk's first input token
                 for _ in range(ttt_cfg.epochs):
                     _train_pass(model, params, opt, tok, first, nseq, seq_len, ttt_cfg,
-                                rank, world_size, lr_at=None)
+                                rank, world_size, micro_seqs, lr_at=None)
                 if events is not None:
                     events.append(("update", c, first, first + nseq * seq_len))
             if progress is not None:
@@ -145,7 +149,7 @@ def score_first_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConfig, ttt
 
 def pre_score_full_val_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConfig,
                            ttt_cfg: TTTConfig, device, rank: int = 0, world_size: int = 1,
-                           progress=None, events=None) -> EvalResult:
+                           progress=None, events=None, micro_seqs: Optional[int] = None) -> EvalResult:
     """NON-COMPLIANT. PR #684's train-then-score TTT, reproduced only to check its number.
 
     !!! This TRAINS ON THE VALIDATION TOKENS BEFORE SCORING THEM: `ttt.epochs` passes of
@@ -155,13 +159,14 @@ def pre_score_full_val_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConf
     non-compliant (ttt_compliant = false); `submit` refuses it. It also emits a
     RuntimeWarning saying so. !!!
 
-    Procedure (seed_prs.md §3.5, PR #684's `ttt_adapt`): the (N-1)//seq_len whole sequences
-    of the truncated stream are split contiguously over ranks; each epoch walks this rank's
-    sequences in micro-batches of `ttt.batch_seqs`; AdamW (betas ttt.beta1/beta2, weight decay
+    Procedure (seed_prs.md §3.5, PR #684's `ttt_adapt`): each epoch walks the (N-1)//seq_len
+    whole sequences of the truncated stream in steps of `ttt.batch_seqs` sequences (a global
+    count: #684 ran 32 per rank on 8 GPUs, i.e. ttt.batch_seqs=256 here); AdamW (betas ttt.beta1/beta2, weight decay
     ttt.weight_decay), learning rate `pr684_lr` per step, gradient-norm clip ttt.grad_clip,
     gradients averaged over ranks. `progress(done_steps, total_steps)` during training.
     """
     _check_world(world_size)
+    micro_seqs = micro_seqs or ttt_cfg.batch_seqs
     warnings.warn("pre_score_full_val TTT trains on validation tokens before scoring them "
                   "(PR #684): the result is NOT compliant", RuntimeWarning, stacklevel=2)
     seq_len = eval_cfg.seq_len
@@ -170,7 +175,7 @@ def pre_score_full_val_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConf
     params, restore = _trainable(model, ttt_cfg.freeze_blocks)
     opt = torch.optim.AdamW(params, lr=ttt_cfg.lr, betas=(ttt_cfg.beta1, ttt_cfg.beta2),
                             weight_decay=ttt_cfg.weight_decay)
-    steps_per_epoch = _steps_per_epoch(total_seqs, ttt_cfg.batch_seqs, world_size)
+    steps_per_epoch = _steps_per_epoch(total_seqs, ttt_cfg.batch_seqs)
     total_steps = steps_per_epoch * ttt_cfg.epochs
 
     def lr_at(step):
@@ -180,7 +185,7 @@ def pre_score_full_val_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConf
     try:
         for epoch in range(ttt_cfg.epochs):
             _train_pass(model, params, opt, tok, 0, total_seqs, seq_len, ttt_cfg, rank,
-                        world_size, lr_at=lr_at, step0=epoch * steps_per_epoch)
+                        world_size, micro_seqs, lr_at=lr_at, step0=epoch * steps_per_epoch)
             if events is not None:
                 events.append(("update", epoch, 0, total_seqs * seq_len))
             if progress is not None:
@@ -200,64 +205,56 @@ def pre_score_full_val_ttt(model, tokens, tables: ByteTables, eval_cfg: EvalConf
 # training internals
 
 
-def _steps_per_epoch(nseq: int, batch_seqs: int, world_size: int) -> int:
-    """Micro-steps per epoch: enough for the largest rank share, the same on every rank so
-    that the gradient all-reduces pair up."""
+def _steps_per_epoch(nseq: int, batch_seqs: int) -> int:
+    """Optimizer steps per pass over `nseq` sequences: one per `batch_seqs` of them, whatever the
+    number of processes (so one process and K processes take the same steps)."""
     if batch_seqs < 1:
         raise UserError(f"ttt.batch_seqs must be >= 1, got {batch_seqs}")
-    largest_share = -(-nseq // world_size)
-    return max(1, -(-largest_share // batch_seqs))
+    return max(1, -(-nseq // batch_seqs))
 
 
 def _train_pass(model, params, opt, tok, first, nseq, seq_len, cfg: TTTConfig, rank,
-                world_size, lr_at=None, step0=0):
+                world_size, micro_seqs: int, lr_at=None, step0=0):
     """One epoch over sequences [first + i*seq_len, first + (i+1)*seq_len] (inputs and the
-    shifted targets), i < nseq, this rank taking its contiguous share in micro-batches.
-    `lr_at(step)` sets a per-step learning rate (global step = step0 + k)."""
-    s0, s1 = contiguous_share(nseq, rank, world_size)
-    steps = _steps_per_epoch(nseq, cfg.batch_seqs, world_size)
+    shifted targets), i < nseq. Optimizer step k trains on sequences [k*B, (k+1)*B) of the pass
+    (B = ttt.batch_seqs, a global count), each rank taking its contiguous share of them in passes
+    of at most `micro_seqs`; the gradient is the mean loss gradient over all the step's
+    sequences, so the trajectory does not depend on the number of processes (up to the order of
+    float sums). `lr_at(step)` sets a per-step learning rate (global step = step0 + k)."""
+    batch = cfg.batch_seqs
     model.train()
     offs = torch.arange(seq_len + 1, device=tok.device)
-    for k in range(steps):
-        lo = min(s0 + k * cfg.batch_seqs, s1)
-        hi = min(lo + cfg.batch_seqs, s1)
+    for k in range(_steps_per_epoch(nseq, batch)):
+        g0, g1 = k * batch, min((k + 1) * batch, nseq)
+        s0, s1 = contiguous_share(g1 - g0, rank, world_size)
         if lr_at is not None:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step0 + k)
         opt.zero_grad(set_to_none=True)
-        if hi > lo:
+        for lo in range(g0 + s0, g0 + s1, micro_seqs):
+            hi = min(lo + micro_seqs, g0 + s1)
             starts = first + torch.arange(lo, hi, device=tok.device) * seq_len
             seqs = tok[starts[:, None] + offs[None, :]]
             with model_autocast(tok.device):
                 logits = model(seqs[:, :-1])
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                    seqs[:, 1:].reshape(-1))
-            loss.backward()
+            # this part's share of the step's mean (exactly 1.0 for a one-part step)
+            (loss * ((hi - lo) / (g1 - g0))).backward()
         if world_size > 1:
-            _average_grads(params, hi - lo, _step_total(nseq, k, cfg.batch_seqs, world_size))
+            _sum_grads(params)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
 
 
-def _step_total(nseq, k, batch_seqs, world_size) -> int:
-    """Sequences all ranks together use in micro-step k."""
-    n = 0
-    for r in range(world_size):
-        s0, s1 = contiguous_share(nseq, r, world_size)
-        lo = min(s0 + k * batch_seqs, s1)
-        n += min(lo + batch_seqs, s1) - lo
-    return n
-
-
-def _average_grads(params, n_local, n_total):
-    """Mean gradient over every sequence of the step on all ranks: weight each rank's mean by
-    its sequence count, so uneven shares (or an empty one) still give the exact global mean.
-    PR #549/#684 use an unweighted average, equal whenever the shares are equal."""
+def _sum_grads(params):
+    """Sum each rank's (already share-weighted) gradient: the mean over every sequence of the
+    step on all ranks, even with uneven or empty shares. PR #549/#684 average per-rank means
+    unweighted, equal whenever the shares are equal."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        p.grad.mul_(n_local / max(n_total, 1))
         torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
 
 

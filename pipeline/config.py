@@ -410,6 +410,8 @@ class TTTConfig:
     # after warmup_epochs of linear warm-up (pre_score_full_val only).
     warmup_epochs: int = constrained(0, ge=0)
     grad_clip: float = constrained(1.0, ge=0)
+    # Sequences per TTT optimizer step, over all processes (one process and K take the same
+    # steps). The records' per-GPU batch times their 8 GPUs when each step is bigger than a rank's share.
     batch_seqs: int = constrained(32, ge=1)
     freeze_blocks: int = constrained(0, ge=0)  # freeze the first N blocks (PR #461)
 

@@ -96,3 +96,29 @@ def test_resume_with_another_world_size_is_refused(small_data, tmp_path):
     _two_ranks(small_data, tmp_path, stop_at=3)
     with pytest.raises(UserError, match="written by 2 processes"):
         Trainer(tiny_recipe(*SETS), list_shards(small_data, "train"), tmp_path, init("cpu"), log=lambda s: None).run()
+
+
+def test_torchrun_two_processes_give_one_processs_val_bpb_through_ttt(small_data, tmp_path):
+    """`torchrun --nproc_per_node=2 -m pipeline run` and one process: the same trajectory through
+    training, evaluation and score-first TTT (several TTT steps per chunk: ttt.batch_seqs=8 of 16)."""
+    import json
+    import subprocess
+    import sys
+
+    from test_cli import sets
+
+    extra = sets("train.reference_world_size=2", "train.batch_tokens=512", "train.max_steps=4", "ttt.batch_seqs=8")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    one = subprocess.run([sys.executable, "-m", "pipeline", "run", "tiny", "--data", str(small_data), "--device", "cpu",
+                          "--out", str(tmp_path / "one"), *extra], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "pipeline", "run", "tiny", "--data", str(small_data), "--device", "cpu",
+                          "--out", str(tmp_path / "two"), *extra], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    (a,), (b,) = list((tmp_path / "one").rglob("report.json")), list((tmp_path / "two").rglob("report.json"))
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert rb["world_size"] == 2 and ra["world_size"] == 1
+    assert ra["val_bpb_ttt"] is not None and abs(ra["val_bpb"] - rb["val_bpb"]) < 1e-6
+    assert abs(ra["val_bpb_roundtrip"] - rb["val_bpb_roundtrip"]) < 1e-6
+    assert ra["val_tokens"] == rb["val_tokens"] and ra["val_bytes"] == rb["val_bytes"]

@@ -134,8 +134,11 @@ def score_ttt(model, data: Data, recipe: Recipe, dist_info, log) -> dict:
     t0 = time.perf_counter()
     events: list = []
     fn = score_first_ttt if recipe.ttt.mode == "score_first" else pre_score_full_val_ttt
+    # Each TTT step's sequences are shared by the ranks; one forward/backward pass holds at most
+    # a reference rank's share of them (the memory of the run being reproduced).
+    micro = max(1, -(-recipe.ttt.batch_seqs // recipe.train.reference_world_size))
     res = fn(model, data.val_tokens, data.tables, recipe.eval, recipe.ttt, dist_info.device, dist_info.rank,
-             dist_info.world_size, progress=_progress_every(log, "ttt"), events=events)
+             dist_info.world_size, progress=_progress_every(log, "ttt"), events=events, micro_seqs=micro)
     violations = check_score_before_update(events)
     out = _as_dict(res, time.perf_counter() - t0)
     out["compliant"] = not violations
