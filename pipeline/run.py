@@ -39,7 +39,8 @@ def run_dir_for(recipe: Recipe, out_root: Path, data_tag: str) -> Path:
 def identify_data(data_dir: Path, recipe: Recipe, dist_info: DistInfo, log: Callable[[str], None],
                   tokenizer_path: Optional[Path] = None):
     """Load the data directory, check it against its meta.json, and hash its content (rank 0 reads
-    the files; every rank gets the same identity). Returns (Data, identity dict)."""
+    the files; every rank gets the same identity). Returns (Data, identity dict, the sentence
+    saying how it differs from the challenge's published export it looks like, or None)."""
     data_dir = Path(data_dir)
     data = ev.load_data(data_dir, recipe, tokenizer_path)
     tok = Path(tokenizer_path) if tokenizer_path else data_dir / "tokenizer.model"
