@@ -35,7 +35,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig, Recipe, RopeConfig
+from pipeline.config import ModelConfig, Recipe
+from pipeline.model.parts.rotary import RopeConfig
+from pipeline.model.compose import read_keys, replace_model
 from pipeline.model.registry import build_model
 
 Selector = Callable[[torch.Tensor, torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]
@@ -87,19 +89,24 @@ def _shrink_rope(rope: RopeConfig, old_head_dim: int, new_head_dim: int) -> Rope
 
 
 def shrink_model_config(cfg: ModelConfig) -> ModelConfig:
-    """A d=64 version of `cfg` that keeps every part on (same layers, passes and flags)."""
+    """A d=64 version of `cfg` that keeps every part on (same layers, passes and flags). Only the
+    settings the model reads are shrunk: the others must keep their defaults (build_model)."""
     dim, heads = 64, 4
     kv = 2 if cfg.num_kv_heads < cfg.num_heads else heads  # keep GQA exercised iff it was on
-    rec = cfg.recurrent
-    rec = replace(rec, k_rank=min(rec.k_rank, 8), td_rank=min(rec.td_rank, 8),
-                  gru_rank=min(rec.gru_rank, 8))
-    return replace(
-        cfg, model_dim=dim, num_heads=heads, num_kv_heads=kv,
-        vocab_size=min(cfg.vocab_size, 256),
-        rope=_shrink_rope(cfg.rope, cfg.model_dim // cfg.num_heads, dim // heads),
-        bigram=replace(cfg.bigram, buckets=64, dim=16) if cfg.bigram else None,
-        sidecar=replace(cfg.sidecar, hidden=8) if cfg.sidecar else None,
-        recurrent=rec)
+    reads = read_keys(cfg)
+    shrunk = {}
+    if "rope" in reads:
+        shrunk["rope"] = _shrink_rope(cfg.rope, cfg.model_dim // cfg.num_heads, dim // heads)
+    if "bigram" in reads and cfg.bigram:
+        shrunk["bigram"] = replace(cfg.bigram, buckets=64, dim=16)
+    if "sidecar" in reads and cfg.sidecar:
+        shrunk["sidecar"] = replace(cfg.sidecar, hidden=8)
+    if "recurrent" in reads:
+        rec = cfg.recurrent
+        shrunk["recurrent"] = replace(rec, k_rank=min(rec.k_rank, 8), td_rank=min(rec.td_rank, 8),
+                                      gru_rank=min(rec.gru_rank, 8))
+    return replace_model(cfg, model_dim=dim, num_heads=heads, num_kv_heads=kv,
+                         vocab_size=min(cfg.vocab_size, 256), **shrunk)
 
 
 @torch.no_grad()

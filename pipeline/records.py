@@ -10,7 +10,8 @@ For each seed it runs the generated `train_gpt.py` itself (`python train_gpt.py`
 per-seed figure in submission.json is read back from it. Seeds already done (a complete log whose
 blob is still intact) are not redone. Before any compute it refuses a recipe that could not be a
 legal entry (train-then-score TTT, a known leak, a capped validation set, a failed `pgolf audit`, a
-validation set that is not the challenge's). After the runs every seed must pass the gates
+validation set that is not the challenge's, validation documents that also occur in training:
+`pgolf data audit`). After the runs every seed must pass the gates
 (`gate_problems`): bytes ≤ 16,000,000, training and evaluation ≤ 600 s each as the script measured
 them (record track), score-first TTT, one validation fingerprint. A run on anything but 8×H100 goes
 to `records/track_non_record_16mb/` with its hardware named. Statistics follow the challenge's rule
@@ -323,6 +324,13 @@ def submit(recipe_name: str, seeds: list[int], overrides, data_dir: Optional[Pat
     _data, ident, export_problem = identify_data(data_dir, recipe, init("cpu"), echo)
     if export_problem:
         raise UserError(f"submit refuses {data_dir}: {export_problem}.")
+    from pipeline.data.audit import audit_data
+
+    data_audit = audit_data(data_dir, tokenizer, eval_seq_len=recipe.eval.seq_len)
+    for line in data_audit.lines():
+        echo(line)
+    if not data_audit.passed:
+        raise UserError(f"submit refuses {data_dir}: " + "; ".join(data_audit.problems))
     audit = audit_recipe(recipe, seed=recipe.seed)
     if not audit.passed:
         raise UserError(f"submit refuses recipe {recipe.name}: it fails `pgolf audit` "

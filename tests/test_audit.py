@@ -14,7 +14,11 @@ from torch import nn
 
 from pipeline.audit import (AuditReport, audit_model, audit_recipe, check_target_alignment, format_failure,
                             randomize_zero_params, shrink_model_config)
-from pipeline.config import BigramConfig, ModelConfig, Recipe, RecurrentConfig, RopeConfig, SidecarConfig
+from pipeline.config import ModelConfig, Recipe
+from pipeline.model.compose import model_config
+from pipeline.model.parts.embeddings import BigramConfig
+from pipeline.model.parts.rotary import RopeConfig
+from pipeline.model.parts.sidecar import SidecarConfig
 from pipeline.model.registry import build_model
 from pipeline.recipe import RECIPES_DIR, load_recipe
 
@@ -124,8 +128,8 @@ def test_length_normalised_position_fails_prefix_but_not_future():
 
 def test_ntk_rescaled_rope_depends_on_window_length():
     # The NTK base rescale switches on when T > ntk_train_seq_len: a real part that uses T.
-    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2,
-                      rope=RopeConfig(dims=4, ntk_train_seq_len=16))
+    cfg = model_config(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2,
+                       rope=RopeConfig(dims=4, ntk_train_seq_len=16))
     r = by_test(audit_model(tiny(cfg=cfg), cfg.vocab_size))
     assert not r["prefix_consistency"].passed
     assert r["prefix_consistency"].culprit == "blocks.0.attn.rotary"
@@ -182,9 +186,9 @@ def test_lines_and_failure_message():
 
 
 def test_shrink_keeps_every_part_on():
-    cfg = ModelConfig(vocab_size=1024, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=3.0,
-                      smear_gate=True, kv_shift_mix=True, bigram=BigramConfig(2048, 128),
-                      sidecar=SidecarConfig(48, (8, 9, 10)), rope=RopeConfig(dims=16, ntk_train_seq_len=1024))
+    cfg = model_config(vocab_size=1024, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=3.0,
+                       smear_gate=True, kv_shift_mix=True, bigram=BigramConfig(2048, 128),
+                       sidecar=SidecarConfig(48, (8, 9, 10)), rope=RopeConfig(dims=16, ntk_train_seq_len=1024))
     s = shrink_model_config(cfg)
     assert (s.model_dim, s.num_heads, s.num_kv_heads, s.vocab_size, s.num_layers) == (64, 4, 2, 256, 11)
     assert (s.bigram.buckets, s.bigram.dim) == (64, 16)
@@ -193,7 +197,9 @@ def test_shrink_keeps_every_part_on():
     assert s.smear_gate and s.kv_shift_mix and s.mlp_mult == 3.0
     mha = shrink_model_config(ModelConfig(vocab_size=100, num_heads=8, num_kv_heads=8))
     assert (mha.num_kv_heads, mha.vocab_size, mha.rope.dims, mha.bigram) == (4, 100, 0, None)
-    rec = shrink_model_config(ModelConfig(trunk="depth_recurrent", recurrent=RecurrentConfig(k_rank=32, td_rank=4)))
+    from pipeline.model.recurrent import RecurrentConfig
+
+    rec = shrink_model_config(model_config(trunk="depth_recurrent", recurrent=RecurrentConfig(k_rank=32, td_rank=4)))
     assert (rec.recurrent.k_rank, rec.recurrent.td_rank, rec.recurrent.gru_rank) == (8, 4, 8)
     assert (rec.recurrent.unique_layers, rec.recurrent.passes) == (3, 3)
 
@@ -241,7 +247,7 @@ def test_pr298_selective_state_leak_is_named():
     if (RECIPES_DIR / "depth_recurrent.yaml").exists():
         recipe = load_recipe("depth_recurrent", overrides=["model.leaky_selective_state=true"])
     else:
-        recipe = Recipe(name="depth_recurrent", model=ModelConfig(
+        recipe = Recipe(name="depth_recurrent", model=model_config(
             trunk="depth_recurrent", model_dim=64, num_heads=4, num_kv_heads=2, leaky_selective_state=True))
     report = audit_recipe(recipe)
     r = by_test(report.results)

@@ -17,18 +17,20 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.audit import audit_model, randomize_zero_params
-from pipeline.config import CONTROL_PATTERN, ElitaConfig, ModelConfig
-from pipeline.model.base import is_control_name
-from pipeline.model.parts.elita import ElitaAttention, ElitaFeedForward
+from pipeline.config import QuantConfig
+from pipeline.export.plan import named_shapes_of, resolve_plan
+from pipeline.model.compose import model_config, replace_model
+from pipeline.model.parts.elita import ElitaAttention, ElitaConfig, ElitaFeedForward
+from pipeline.model.roles import param_roles
 from pipeline.model.registry import build_model
 from pipeline.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = ModelConfig(vocab_size=64, num_layers=2, model_dim=16, num_heads=2, num_kv_heads=2,
+SMALL = model_config(vocab_size=64, num_layers=2, model_dim=16, num_heads=2, num_kv_heads=2,
                     attention="elita", mlp="elita_ff2",
                     elita=ElitaConfig(position_width=3, value_width=5, position_len=20, ff_width=12, ff_rank=3))
-AUDIT = ModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=4,
+AUDIT = model_config(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=4,
                     attention="elita", mlp="elita_ff2", elita=ElitaConfig(position_len=48, ff_rank=3))
 
 
@@ -118,7 +120,7 @@ def test_simplified_view_query_term_only_gates():
 def test_fixed_scale_equals_published_positions_at_position_len():
     L = SMALL.elita.position_len
     fixed = attention()
-    published = ElitaAttention(replace(SMALL, elita=replace(SMALL.elita, length_normalised_positions=True)), 0)
+    published = ElitaAttention(replace_model(SMALL, elita=replace(SMALL.elita, length_normalised_positions=True)), 0)
     published.load_state_dict(fixed.state_dict())
     published.double()
     x = inputs(T=L)
@@ -145,7 +147,7 @@ def test_audit_passes_with_fixed_positions():
 
 
 def test_length_normalised_positions_fail_prefix_consistency_only():
-    r = audited(replace(AUDIT, elita=replace(AUDIT.elita, length_normalised_positions=True)))
+    r = audited(replace_model(AUDIT, elita=replace(AUDIT.elita, length_normalised_positions=True)))
     p = r["prefix_consistency"]
     assert not p.passed and p.max_dev > 1e-3
     assert re.fullmatch(r"blocks\.[01]\.attn", p.culprit), p.culprit
@@ -202,7 +204,7 @@ def test_parameter_counts_by_formula():
 
     assert count(ElitaAttention(SMALL, 0)) == 3 * H * d + 5 * H * P + 2 * H * d * a
     assert count(ElitaFeedForward(SMALL, 0)) == d * A + A + d * r + r + A * r * d + d
-    dflt = replace(SMALL, elita=ElitaConfig(position_width=3))  # a = d / H, A = d, r = 8
+    dflt = replace_model(SMALL, elita=ElitaConfig(position_width=3))  # a = d / H, A = d, r = 8
     assert count(ElitaAttention(dflt, 0)) == 3 * H * d + 5 * H * 3 + 2 * d * d
     assert count(ElitaFeedForward(dflt, 0)) == 9 * d * d + 10 * d + 8
 
@@ -210,17 +212,19 @@ def test_parameter_counts_by_formula():
 def test_routing_and_export_names():
     model = build_model(SMALL)
     routes = {n: model.route_param(n, p) for n, p in model.named_parameters() if n.startswith("blocks.0.")}
+    roles = param_roles(model)
+    plan = {e["name"]: e["scheme"] for e in resolve_plan(named_shapes_of(model), QuantConfig(), roles)}
     for n in ("attn.c_score.weight", "attn.c_v.weight", "attn.proj.weight",
               "mlp.fc_u.weight", "mlp.fc_z.weight", "mlp.proj.weight"):
         assert routes[f"blocks.0.{n}"] == "matrix", n  # Muon; and `.attn.`/`.mlp.` -> int6 rule
-        assert re.search(r"\.(attn|mlp)\.", f"blocks.0.{n}") and not is_control_name(f"blocks.0.{n}")
+        assert re.search(r"\.(attn|mlp)\.", f"blocks.0.{n}") and roles[f"blocks.0.{n}"] == "matrix"
     for q in ("a1", "a2", "b1", "b2", "c"):
         name = f"blocks.0.attn.elita_pos_{q}"
-        assert routes[name] == "scalar" and re.search(CONTROL_PATTERN, name)  # Adam, fp32 at export
+        assert routes[name] == "scalar" and roles[name] == "control" and plan[name] == "fp32"  # Adam, fp32
 
 
 def test_init_statistics():
-    cfg = replace(AUDIT, elita=ElitaConfig(value_width=24))
+    cfg = replace_model(AUDIT, elita=ElitaConfig(value_width=24))
     torch.manual_seed(0)
     attn, ff = ElitaAttention(cfg, 0), ElitaFeedForward(cfg, 0)
     d, H, a = cfg.model_dim, cfg.num_heads, 24

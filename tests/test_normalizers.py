@@ -13,6 +13,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.model import gpt
 from pipeline.model.base import rms_norm
+from pipeline.model.compose import replace_model
 from pipeline.model.parts.normalizers import EPS, TAU
 from pipeline.model.registry import build_model, names, resolve
 from pipeline.recipe import load_recipe
@@ -179,10 +180,10 @@ def test_unknown_name_fails_at_build_with_did_you_mean():
 
 def test_normalizer_without_resid_mix_fails_loudly():
     with pytest.raises(UserError, match="resid_mix"):
-        build_model(replace(CFG, mix_normalizer="softmax", resid_mix=False))
+        build_model(replace_model(CFG, mix_normalizer="softmax", resid_mix=False))
 
 
 def test_depth_recurrent_refuses_a_mix_normalizer():
-    recipe = load_recipe("depth_recurrent", ["model.mix_normalizer=softmax"])
-    with torch.device("meta"), pytest.raises(UserError, match="mix_normalizer"):
-        build_model(recipe.model)
+    # depth_recurrent resolves no normalizer part: refused when the recipe loads, before any build
+    with pytest.raises(UserError, match="model.mix_normalizer: trunk 'depth_recurrent' takes no normalizer part"):
+        load_recipe("depth_recurrent", ["model.mix_normalizer=softmax"])

@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.model.base import LanguageModel
+from pipeline.model.roles import set_roles
 from pipeline.optim import (Muon, apply_schedule, build_optimizers, clip_grad_norm, lr_multiplier,
                             muon_momentum, nan_to_num_, newton_schulz)
 
@@ -140,6 +141,9 @@ class _Tiny(LanguageModel):
         self.blocks = nn.ModuleList([nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)])
         self.attn_scale = nn.Parameter(torch.ones(8))
         self.lm_head = nn.Linear(8, 16, bias=False) if untied else None
+        set_roles(self, control=("attn_scale",))
+        if untied:
+            set_roles(self.lm_head, head=("weight",))
 
 
 def test_build_optimizers_split_lrs_and_coverage():
@@ -158,6 +162,31 @@ def test_build_optimizers_split_lrs_and_coverage():
     assert routes["scalar"]["weight_decay"] == 0.0
     assert len(routes["matrix"]["params"]) == 2
     assert sum(len(g["params"]) for g in routes.values()) == len(list(model.parameters()))
+
+
+def test_routing_reads_declared_roles_and_refuses_a_parameter_without_one():
+    class Gains(_Tiny):
+        def __init__(self):
+            super().__init__(untied=False)
+            self.w_gain = nn.Parameter(torch.ones(8, 8))  # 2-D, but declared control: Adam, not Muon
+            self.g = nn.Parameter(torch.zeros(8))
+            set_roles(self, control=("w_gain",), gate=("g",))
+
+    groups = {r: [n for n, _ in ps] for r, ps in Gains().param_groups().items()}
+    assert groups == {"embed": ["tok_emb.weight"], "head": [], "matrix": ["blocks.0.weight", "blocks.1.weight"],
+                      "scalar": ["attn_scale", "w_gain", "g"]}
+
+    class Undeclared(_Tiny):
+        def __init__(self):
+            super().__init__(untied=False)
+            self.new_gain = nn.Parameter(torch.ones(8, 8))
+
+    with pytest.raises(ValueError, match=r"parameter 'new_gain' \(shape \[8, 8\]\) of Undeclared has no role"):
+        build_optimizers(Undeclared(), OptimConfig())
+    with pytest.raises(ValueError, match="role matrix but shape"):
+        set_roles(Undeclared(), matrix=("attn_scale",)).param_groups()
+    with pytest.raises(ValueError, match="no parameter 'atn_scale'"):
+        set_roles(_Tiny(untied=False), control=("atn_scale",))
 
 
 def test_build_optimizers_adamw_tied_and_frozen():

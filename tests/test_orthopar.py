@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pipeline.audit import audit_model, randomize_zero_params
-from pipeline.config import ModelConfig, OrthoParConfig
-from pipeline.model.base import is_control_name
-from pipeline.model.parts.orthopar import OrthoParResidual
+from pipeline.config import ModelConfig
+from pipeline.model.compose import replace_model
+from pipeline.model.parts.orthopar import OrthoParConfig, OrthoParResidual
+from pipeline.model.roles import param_roles
 from pipeline.model.registry import build_model, resolve
 
 D = 16
@@ -19,7 +20,7 @@ CFG = ModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv
 
 def make(fixed: bool, d: int = D, **orthopar) -> OrthoParResidual:
     torch.manual_seed(0)
-    return OrthoParResidual(replace(CFG, model_dim=d, orthopar=OrthoParConfig(**orthopar)), fixed=fixed)
+    return OrthoParResidual(replace_model(CFG, model_dim=d, orthopar=OrthoParConfig(**orthopar)), fixed=fixed)
 
 
 def naive(x, y, alpha, beta, fixed, eps=1e-8, sum_eps=1e-6):
@@ -90,7 +91,8 @@ def test_every_site_draws_its_own_parameters_and_they_are_control():
     vals = list(alphas.values())
     assert all(not torch.equal(vals[0], v) for v in vals[1:])
     names = [n for n, _ in model.named_parameters() if "ortho_" in n]
-    assert len(names) == 8 and all(is_control_name(n) for n in names)
+    roles = param_roles(model)
+    assert len(names) == 8 and all(roles[n] == "control" for n in names)
     assert all(model.route_param(n, p) == "scalar" for n, p in model.named_parameters() if "ortho_" in n)
     # parameter count by formula: the standard trunk plus alpha and beta (D each) per layer and site
     assert model.num_params() == build_model(CFG).num_params() + 2 * 2 * 2 * CFG.model_dim

@@ -16,6 +16,7 @@ from pipeline.errors import SizeCapError, UserError
 from pipeline.export.artifact import load_artifact, package_model, roundtrip_into, size_lines, tensor_group
 from pipeline.export.plan import named_shapes_of, quantize_state_dict, resolve_plan
 from pipeline.export.predict import predict_bytes, size_vs_rms
+from pipeline.model.roles import param_roles, set_roles
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,6 +33,7 @@ class _Attn(nn.Module):
         self.c_v = nn.Linear(D, D // 2, bias=False)
         self.proj = nn.Linear(D, D, bias=False)
         self.q_gain = nn.Parameter(torch.full((4,), 1.5))  # control -> fp32
+        set_roles(self, control=("q_gain",))
 
 
 class _MLP(nn.Module):
@@ -48,6 +50,7 @@ class _Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(D))
         self.mlp_scale = nn.Parameter(torch.ones(D))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(D), torch.zeros(D)]))
+        set_roles(self, control=("attn_scale", "mlp_scale", "resid_mix"))
 
 
 class _Tiny(nn.Module):
@@ -59,7 +62,11 @@ class _Tiny(nn.Module):
         self.tok_emb = nn.Embedding(VOCAB, D)  # 147,456 el. -> int8 with percentile clip
         self.blocks = nn.ModuleList(_Block() for _ in range(LAYERS))
         self.skip_weights = nn.Parameter(torch.ones(1, D))
+        set_roles(self, control=("skip_weights",))
         self.register_buffer("steps_seen", torch.tensor([7, 11], dtype=torch.int64))
+
+
+ROLES = param_roles(_Tiny().to("meta"))  # what the plan reads; independent of the weights
 
 
 def _gaussian_model(seed=0) -> _Tiny:
@@ -75,7 +82,7 @@ def _gaussian_model(seed=0) -> _Tiny:
 
 
 def _package(tmp_path, model, cfg=FAST, code_bytes=1234, quant=QuantConfig()):
-    q = quantize_state_dict(model.state_dict(), quant)
+    q = quantize_state_dict(model.state_dict(), quant, roles=ROLES)
     res = package_model(q, tmp_path / "model.bin", cfg, code_bytes, {"recipe": "tiny", "seed": 0})
     return q, res | {"path": str(tmp_path / "model.bin")}
 
@@ -209,11 +216,11 @@ def test_predict_bytes_within_15_percent_of_actual(tmp_path):
     # the predictor needs shapes only: a meta-device model (no data) is enough
     shapes = named_shapes_of(_Tiny().to("meta"))
     assert all(isinstance(v[0], tuple) for v in shapes.values())
-    q = quantize_state_dict(model.state_dict(), QuantConfig())
+    q = quantize_state_dict(model.state_dict(), QuantConfig(), roles=ROLES)
     # the deployed setting, zstd-22, on the whole blob
     cfg = PackageConfig()
     res = package_model(q, tmp_path / "model.bin", cfg, 0, meta, group_report=False)
-    pred = predict_bytes(shapes, QuantConfig(), cfg, meta=meta)
+    pred = predict_bytes(shapes, QuantConfig(), cfg, meta=meta, roles=ROLES)
     assert set(pred) == {"embed", "attn", "mlp", "control", "other", "header", "total"}
     assert pred["total"] == sum(v for k, v in pred.items() if k != "total")
     assert pred["other"] == 16  # the int64 buffer, counted raw
@@ -221,11 +228,11 @@ def test_predict_bytes_within_15_percent_of_actual(tmp_path):
     assert 0.85 <= ratio <= 1.15, (pred, res["bytes_model"])
     # per group (zstd-3 to keep this quick), against each group compressed on its own
     fast = package_model(q, tmp_path / "model.bin", FAST, 0, meta)["groups"]
-    pfast = predict_bytes(shapes, QuantConfig(), FAST, meta=meta)
+    pfast = predict_bytes(shapes, QuantConfig(), FAST, meta=meta, roles=ROLES)
     for g in ("embed", "attn", "mlp"):
         assert 0.85 <= pfast[g] / fast[g]["compressed_bytes"] <= 1.15, g
     # a different assumed std changes the estimate (the input is really used)
-    small = predict_bytes(shapes, QuantConfig(), FAST, init_std={"tok_emb.weight": 0.0},
+    small = predict_bytes(shapes, QuantConfig(), FAST, init_std={"tok_emb.weight": 0.0}, roles=ROLES,
                           meta=meta)
     assert small["embed"] < pfast["embed"] / 10
 
@@ -239,7 +246,7 @@ def _floored(quant: QuantConfig) -> QuantConfig:
 def test_size_vs_rms_follows_real_packages_under_a_scale_floor(tmp_path):
     quant = _floored(QuantConfig())
     shapes = named_shapes_of(_Tiny().to("meta"))
-    int_names = [e["name"] for e in resolve_plan(shapes, quant.rules) if e["scheme"] in ("int6", "int8")]
+    int_names = [e["name"] for e in resolve_plan(shapes, quant.rules, ROLES) if e["scheme"] in ("int6", "int8")]
     actual = {}
     for rms in (0.05, 0.2):
         model = _gaussian_model()
@@ -247,10 +254,10 @@ def test_size_vs_rms_follows_real_packages_under_a_scale_floor(tmp_path):
             for name, p in model.named_parameters():
                 if name in int_names:
                     p.normal_(0.0, rms)
-        q = quantize_state_dict(model.state_dict(), quant)
+        q = quantize_state_dict(model.state_dict(), quant, roles=ROLES)
         actual[rms] = package_model(q, tmp_path / str(rms) / "model.bin", FAST, 0, {"recipe": "t"},
                                     group_report=False)
-        pred = predict_bytes(shapes, quant, FAST, init_std=dict.fromkeys(int_names, rms))["total"]
+        pred = predict_bytes(shapes, quant, FAST, init_std=dict.fromkeys(int_names, rms), roles=ROLES)["total"]
         assert 0.85 <= pred / actual[rms]["bytes_model"] <= 1.15, (rms, pred, actual[rms]["bytes_model"])
     # under the floor the same shapes cost far more bytes at a larger RMS
     assert actual[0.2]["bytes_model"] > 1.2 * actual[0.05]["bytes_model"]
@@ -258,31 +265,37 @@ def test_size_vs_rms_follows_real_packages_under_a_scale_floor(tmp_path):
     code = 1000
     cap = (actual[0.05]["bytes_model"] + actual[0.2]["bytes_model"]) // 2 + code
     capped = dataclasses.replace(FAST, cap_bytes=cap)
-    curve, cap_rms = size_vs_rms(shapes, quant, capped, code, grid=(0.02, 0.05, 0.2, 0.3), bisect_steps=6)
+    curve, cap_rms = size_vs_rms(shapes, quant, capped, code, grid=(0.02, 0.05, 0.2, 0.3), bisect_steps=6,
+                                 roles=ROLES)
     totals = [t for _, t in curve]
     assert totals == sorted(totals) and totals[0] < cap < totals[-1]
     assert 0.05 < cap_rms < 0.2
-    below = predict_bytes(shapes, quant, capped, init_std=dict.fromkeys(int_names, 0.9 * cap_rms), sample_rows=16)
-    above = predict_bytes(shapes, quant, capped, init_std=dict.fromkeys(int_names, 1.1 * cap_rms), sample_rows=16)
+    below = predict_bytes(shapes, quant, capped, init_std=dict.fromkeys(int_names, 0.9 * cap_rms), sample_rows=16,
+                          roles=ROLES)
+    above = predict_bytes(shapes, quant, capped, init_std=dict.fromkeys(int_names, 1.1 * cap_rms), sample_rows=16,
+                          roles=ROLES)
     assert below["total"] + code <= cap < above["total"] + code
 
 
 def test_size_vs_rms_is_flat_without_a_scale_floor():
     shapes = named_shapes_of(_Tiny().to("meta"))
-    curve, cap_rms = size_vs_rms(shapes, QuantConfig(), FAST, 1000, grid=(0.02, 0.3))
+    curve, cap_rms = size_vs_rms(shapes, QuantConfig(), FAST, 1000, grid=(0.02, 0.3), roles=ROLES)
     (_, small), (_, large) = curve
     assert abs(large - small) < 0.03 * small  # per-row max scaling: the RMS does not matter
     assert cap_rms is None
 
 
 def test_tensor_groups():
-    assert tensor_group("tok_emb.weight") == "embed"
-    assert tensor_group("lm_head.weight") == "embed"
-    assert tensor_group("value_embeds.0.weight") == "embed"
-    assert tensor_group("bigram.embed.weight") == "embed"
-    assert tensor_group("bigram.scale") == "control"
-    assert tensor_group("blocks.3.attn.c_q.weight") == "attn"
-    assert tensor_group("blocks.3.attn.q_gain") == "control"
-    assert tensor_group("blocks.3.mlp.fc.weight") == "mlp"
-    assert tensor_group("blocks.3.resid_mix") == "control"
-    assert tensor_group("final_norm.weight") == "other"
+    # by role: embeddings and the head, control and gate tensors (wherever they sit)
+    assert tensor_group("tok_emb.weight", "embedding") == "embed"
+    assert tensor_group("lm_head.weight", "head") == "embed"
+    assert tensor_group("value_embeds.0.weight", "embedding") == "embed"
+    assert tensor_group("bigram.scale", "control") == "control"
+    assert tensor_group("blocks.3.attn.q_gain", "control") == "control"
+    assert tensor_group("blocks.3.attn.new_gate", "gate") == "control"
+    # the rest by where it sits
+    assert tensor_group("blocks.3.attn.c_q.weight", "matrix") == "attn"
+    assert tensor_group("blocks.3.mlp.fc.weight", "matrix") == "mlp"
+    assert tensor_group("blocks.3.mlp.fc.bias", "other") == "mlp"
+    assert tensor_group("final_norm.weight", "other") == "other"
+    assert tensor_group("steps_seen", None) == "other"  # a buffer has no role

@@ -49,7 +49,8 @@ RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml")
 
 
 def small(name: str, *sets: str):
-    family = "depth_recurrent" if name.startswith("depth_recurrent") else name
+    family = "depth_recurrent" if name.startswith("depth_recurrent") else \
+        "true_evolving" if name.startswith("true_evolving") else name
     return load_recipe(name, list(SMALL) + list(EXTRA.get(family, ("model.num_layers=2",))) + list(sets))
 
 

@@ -40,7 +40,7 @@ def test_runtime_module_imports_only_allowed_packages():
         elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
     # pipeline only for the optional UserError base (guarded by try/except ImportError)
-    assert roots <= {"__future__", "json", "math", "struct", "zlib", "numpy", "torch",
+    assert roots <= {"__future__", "json", "math", "struct", "typing", "zlib", "numpy", "torch",
                      "zstandard", "pipeline"}, roots
 
 
@@ -236,15 +236,23 @@ def test_resolve_plan_default_rules_pick_each_scheme():
         "blocks.0.attn_scale": ((512,), torch.float32),           # control -> fp32
         "blocks.0.attn.q_gain": ((8,), torch.float32),            # control -> fp32
         "rotary.steps": ((4,), torch.int64),                       # non-float -> raw
+        "blocks.0.new_part.w_gain": ((512,), torch.float32),       # control by role, no name pattern -> fp32
     }
-    plan = resolve_plan(shapes, QuantConfig())
+    roles = {"blocks.0.attn.c_q.weight": "matrix", "blocks.0.mlp.fc.weight": "matrix", "tok_emb.weight": "embedding",
+             "blocks.0.attn.c_k.weight": "matrix", "bigram.proj.weight": "matrix", "blocks.0.attn_scale": "control",
+             "blocks.0.attn.q_gain": "control", "blocks.0.new_part.w_gain": "gate"}  # the buffer has no role
+    plan = resolve_plan(shapes, QuantConfig(), roles)
     got = {e["name"]: (e["scheme"], e["rule_index"]) for e in plan}
     assert got == {
         "blocks.0.attn.c_q.weight": ("int6", 2), "blocks.0.mlp.fc.weight": ("int6", 2),
         "tok_emb.weight": ("int8", 3), "blocks.0.attn.c_k.weight": ("fp16", 1),
         "bigram.proj.weight": ("int8", 3), "blocks.0.attn_scale": ("fp32", 0),
-        "blocks.0.attn.q_gain": ("fp32", 0), "rotary.steps": ("raw", None),
+        "blocks.0.attn.q_gain": ("fp32", 0), "rotary.steps": ("raw", None), "blocks.0.new_part.w_gain": ("fp32", 0),
     }
+    assert {e["name"]: e["role"] for e in plan} == {**roles, "rotary.steps": None}
+    # the default plan's first rule names roles: without them it cannot be resolved
+    with pytest.raises(ValueError, match="pass roles="):
+        resolve_plan(shapes, QuantConfig())
     assert [e["name"] for e in plan] == list(shapes)  # order preserved
     assert next(e for e in plan if e["name"] == "tok_emb.weight")["clip_percentile"] == 99.99984
     assert json.loads(json.dumps(plan)) == plan  # JSON-able as is
@@ -266,7 +274,7 @@ def test_resolve_plan_numel_bounds_and_errors():
 
 def test_quantize_state_dict_refuses_nan_and_name_clashes():
     with pytest.raises(UserError, match="'w' contains NaN"):
-        quantize_state_dict({"w": torch.tensor([1.0, float("nan")])}, QuantConfig())
+        quantize_state_dict({"w": torch.tensor([1.0, float("nan")])}, QuantConfig(), roles={"w": "other"})
     rules = (QuantRule(scheme="int8", pattern="^w$"), QuantRule(scheme="fp32"))
     with pytest.raises(UserError, match="collides"):
         quantize_state_dict({"w": torch.ones(2, 2), "w.q": torch.ones(2)}, rules)

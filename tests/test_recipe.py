@@ -88,7 +88,8 @@ def test_unknown_recipe_name_suggests():
 def test_cross_field_rules():
     with pytest.raises(UserError, match="batch_tokens .* multiple of train.seq_len"):
         load_recipe("tiny", ["train.batch_tokens=1000"])
-    with pytest.raises(UserError, match="leaky_selective_state: only meaningful"):
+    with pytest.raises(UserError, match="model.leaky_selective_state: trunk 'unet_gpt' does not implement it "
+                                        r"\(read by trunk 'depth_recurrent'\)"):
         load_recipe("tiny", ["model.leaky_selective_state=true"])
 
 
@@ -113,7 +114,9 @@ def test_unknown_mix_normalizer_names_its_field():
 # code counts 12,836,767). Constraints must refuse nothing a shipped recipe uses.
 PARAMS = {"tiny": 723_216, "baseline": 17_059_912, "sidecar48": 26_823_765, "depth_recurrent": 12_836_767,
           "depth_recurrent_int8_zlib": 12_836_767, "elita": 734_744, "grad_conditioning": 723_216,
-          "orthopar": 725_264, "shiftmax_mix": 723_216, "true_evolving": 788_864}
+          "orthopar": 725_264, "shiftmax_mix": 723_216, "true_evolving": 788_864,
+          # the card counts 32,814,768; a plain 6 x 256 untied model is 30.47M (seed_components.md §1.1)
+          "true_evolving_card": 30_458_816}
 
 
 def test_every_shipped_recipe_builds_with_its_known_parameter_count():
@@ -131,7 +134,22 @@ def test_every_shipped_recipe_builds_with_its_known_parameter_count():
 
 
 def _config_classes():
-    return [c for c in vars(C).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]
+    """Every dataclass of the recipe schema: pipeline.config's and those the parts declare."""
+    from pipeline.recipe import _unwrap, recipe_schema
+
+    seen, todo = [], [recipe_schema()]
+    while todo:
+        cls = _unwrap(todo.pop())
+        if dataclasses.is_dataclass(cls) and isinstance(cls, type) and cls not in seen:
+            seen.append(cls)
+            todo += list(typing.get_type_hints(cls).values())
+    return seen
+
+
+def test_config_classes_include_the_parts_settings():
+    names = {c.__name__ for c in _config_classes()}
+    assert {"RopeConfig", "BigramConfig", "SidecarConfig", "RecurrentConfig", "ElitaConfig", "TrueEvolvingConfig",
+            "OrthoParConfig", "TrainConfig", "QuantRule"} <= names
 
 
 def test_every_count_field_declares_its_range():
@@ -151,10 +169,10 @@ def test_every_count_field_declares_its_range():
 
 
 def test_defaults_satisfy_their_constraints():
-    from pipeline.recipe import _constraint_problems, _cross_field_problems
+    from pipeline.recipe import _constraint_problems, _cross_field_problems, recipe_schema
 
     recipe = C.Recipe(name="defaults")
-    assert _constraint_problems(C.to_dict(recipe), C.Recipe) == []
+    assert _constraint_problems(C.to_dict(recipe), recipe_schema()) == []  # the model's part settings too
     assert _cross_field_problems(recipe, set()) == []
     for cls in _config_classes():  # the optional sections and list items too
         fields = dataclasses.fields(cls)

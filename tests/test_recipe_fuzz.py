@@ -28,14 +28,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import cli_inprocess
 
-from pipeline import config as C
 from pipeline.errors import UserError
 from pipeline.model import build_model
-from pipeline.recipe import load_recipe
+from pipeline.recipe import load_recipe, recipe_schema
 
 
-def schema_keys(cls=C.Recipe, prefix: tuple = ()) -> list[str]:
-    """Every settable dotted key: leaves, sections (also Optional ones) and lists of rules whole."""
+def schema_keys(cls=None, prefix: tuple = ()) -> list[str]:
+    """Every settable dotted key: leaves, sections (also Optional ones) and lists of rules whole,
+    the model parts' own settings included (the recipe schema is built from the registry)."""
+    cls = recipe_schema() if cls is None else cls
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -223,3 +223,23 @@ def test_the_script_alone_in_the_challenge_layout_matches_pgolf_run(small_data, 
     assert script["artifact_sha256"] == mine["artifact_sha256"]
     assert file_sha256(root / "final_model.bin") == file_sha256(report.parent / "export" / "model.bin")
     assert script["bytes_total"] == mine["bytes_total"]
+
+
+def test_submit_refuses_data_whose_validation_documents_occur_in_training(tmp_path):
+    """The fault that invalidated a lineage of records: a validation document also in training."""
+    import random as rnd
+
+    from pipeline.data.prepare import prepare_jsonl
+
+    rng = rnd.Random(3)
+    words = "the king and queen of this realm shall speak to thee now my lord good night sir".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 60))) for _ in range(120)]
+    docs.append(docs[0])  # the first (validation) document again, in training
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare_jsonl(src, tmp_path / "leaky", vocab_size=320, val_docs=10)
+    proc = cli_inprocess("submit", "tiny", "--seeds", "1", "--data", str(tmp_path / "leaky"),
+                         *sets("data.max_val_tokens=0"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "overlap_docs=1 " in proc.stdout and "submit refuses" in proc.stderr
+    assert not list(tmp_path.rglob("train_seed1.log"))

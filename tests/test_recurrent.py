@@ -3,16 +3,17 @@ gate's forward no-op, the loss terms and optimizer routing. Tiny shapes, CPU, fp
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, RecurrentConfig, RopeConfig
+from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.model import build_model
-from pipeline.model.recurrent import DepthRecurrentGPT, mean_softmax_entropy, thermo_term
+from pipeline.model.compose import model_config, replace_model
+from pipeline.model.parts.rotary import RopeConfig
+from pipeline.model.recurrent import DepthRecurrentGPT, RecurrentConfig, mean_softmax_entropy, thermo_term
 from pipeline.model.recurrent_parts import SelectiveState, binary_entropy, gate_gradient
 
 T, V = 32, 64
@@ -23,9 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_cfg(**recurrent) -> ModelConfig:
     leaky = recurrent.pop("leaky", False)
-    return ModelConfig(trunk="depth_recurrent", vocab_size=V, model_dim=64, num_heads=4, num_kv_heads=2,
-                       mlp_mult=2.0, rope=RopeConfig(base=500000.0), leaky_selective_state=leaky,
-                       recurrent=RecurrentConfig(k_rank=8, td_rank=4, gru_rank=4, **recurrent))
+    return model_config(trunk="depth_recurrent", vocab_size=V, model_dim=64, num_heads=4, num_kv_heads=2,
+                        mlp_mult=2.0, rope=RopeConfig(base=500000.0), leaky_selective_state=leaky,
+                        recurrent=RecurrentConfig(k_rank=8, td_rank=4, gru_rank=4, **recurrent))
 
 
 def build(cfg: ModelConfig, seed: int = 0, randomize_zeros: bool = True) -> DepthRecurrentGPT:
@@ -46,8 +47,8 @@ def ids(seed: int = 1, batch: int = 2) -> torch.Tensor:
 
 
 def test_param_count_matches_pr298_exactly():
-    cfg = ModelConfig(trunk="depth_recurrent", vocab_size=1024, model_dim=768, num_heads=8, num_kv_heads=2,
-                      mlp_mult=2.0, rope=RopeConfig(base=500000.0))
+    cfg = model_config(trunk="depth_recurrent", vocab_size=1024, model_dim=768, num_heads=8, num_kv_heads=2,
+                       mlp_mult=2.0, rope=RopeConfig(base=500000.0))
     with torch.device("meta"):
         model = build_model(cfg)
     assert isinstance(model, DepthRecurrentGPT)
@@ -217,9 +218,16 @@ def test_routing():
     assert len(groups["matrix"]) == 3 * 7 + 4 + 2 + 1 and groups["head"] == []
 
 
-def test_unsupported_options_fail_loudly():
-    with pytest.raises(UserError, match="kv_shift_mix"):
-        build_model(dataclasses.replace(tiny_cfg(), kv_shift_mix=True))
+def test_options_the_trunk_does_not_implement_are_refused():
+    # A unet_gpt flag, a unet_gpt setting and an attention part: depth_recurrent takes none of them,
+    # in code (model_config / replace_model) as at load (tests/test_part_mechanism.py).
+    with pytest.raises(UserError, match=r"model.kv_shift_mix: trunk 'depth_recurrent' does not implement it "
+                                        r"\(read by attention 'causal'\)"):
+        replace_model(tiny_cfg(), kv_shift_mix=True)
+    with pytest.raises(UserError, match="model.bigram: trunk 'depth_recurrent' does not implement it"):
+        model_config(trunk="depth_recurrent", bigram={"buckets": 64})
+    with pytest.raises(UserError, match="model.attention: trunk 'depth_recurrent' takes no attention part"):
+        model_config(trunk="depth_recurrent", attention="elita")
 
 
 def test_parts_compute_the_published_formulas():

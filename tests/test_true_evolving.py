@@ -14,7 +14,10 @@ import torch.nn.functional as F
 
 import pipeline.model.parts.true_evolving as te
 from pipeline.audit import audit_model, randomize_zero_params
-from pipeline.config import ModelConfig, QuantConfig, TrueEvolvingConfig
+from pipeline.config import ModelConfig, QuantConfig
+from pipeline.model.compose import model_config, replace_model
+from pipeline.model.parts.true_evolving import TrueEvolvingConfig
+from pipeline.model.roles import param_roles
 from pipeline.model.registry import build_model
 from pipeline.recipe import load_recipe
 from pipeline.export.plan import named_shapes_of, resolve_plan
@@ -22,12 +25,12 @@ from pipeline.export.plan import named_shapes_of, resolve_plan
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GAMMA = 0.85
-CFG = ModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=4,
+CFG = model_config(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=4,
                   attention="true_evolving")
 
 
 def cfg_with(**te_fields) -> ModelConfig:
-    return replace(CFG, true_evolving=replace(TrueEvolvingConfig(), **te_fields))
+    return replace_model(CFG, true_evolving=replace(TrueEvolvingConfig(), **te_fields))
 
 
 def reference_evolve(q, k, tau, decay):
@@ -183,7 +186,7 @@ def test_parameter_count_and_init(te_fields, extra):
 def test_evolution_weights_are_scalar_group_and_fp32(per_head):
     model = build_model(cfg_with(per_head_weights=per_head))
     groups = {n: g for g, params in model.param_groups().items() for n, _ in params}
-    plan = {e["name"]: e["scheme"] for e in resolve_plan(named_shapes_of(model), QuantConfig())}
+    plan = {e["name"]: e["scheme"] for e in resolve_plan(named_shapes_of(model), QuantConfig(), param_roles(model))}
     for i in range(2):
         name = f"blocks.{i}.attn.evolution_weights"
         assert groups[name] == "scalar" and plan[name] == "fp32"

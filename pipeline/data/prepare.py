@@ -8,9 +8,16 @@ Split rules:
           `val_docs` documents (default max(1, 10%)) are val, the rest train; each document is
           `[BOS] + encode(text)`.
 
+`prepare_jsonl(..., challenge=True)` reproduces the challenge's own export
+(`data/download_hf_docs_and_tokenize.py`, pg_mechanics.md §1.1, §1.5) with a given tokenizer:
+the first 50,000 documents (or the `docs_val` of the challenge's `<stem>.source_manifest.json`
+beside the file) are val, the rest train, BOS before each document, no EOS, `fineweb_` shards
+of 10^8 tokens; the same document list and tokenizer give byte-identical shards.
+
 Without a tokenizer, a lossless BPE (see `tokenizer`) is trained on the *training split only*
-(so nothing about val leaks into it); with one, it is checked and copied in. Either way the
-byte tables are built once (`eval.byte_tables`), so a tokenizer whose bytes cannot be counted
+(so nothing about val leaks into it); with one (a SentencePiece .model, or a tiktoken encoding:
+`tiktoken:NAME` or FILE.tiktoken, see `tiktoken_tokenizer`), it is checked and copied in. Either
+way the byte tables are built once (`eval.byte_tables`), so a tokenizer whose bytes cannot be counted
 exactly is refused here, before any shard is written. The output directory holds
 `{prefix}_{train,val}_NNNNNN.bin`, `tokenizer.model` and `meta.json`. A text longer than
 `_ENCODE_CHUNK_CHARS` is encoded in parts only when that gives the whole text's tokens
@@ -20,14 +27,17 @@ Atomicity: everything is built in a hidden sibling directory and renamed into pl
 interrupted prepare leaves the old output (or nothing) behind; only a crash in the instant
 between the two renames of a replacement leaves the old output in a hidden `.NAME.old-*`
 sibling instead. The jsonl path streams the file (a few passes, nothing held in memory but one
-shard buffer and the tokenizer's capped training text). An existing output directory is
-replaced only if it is an earlier prepare's output and `overwrite` is given (`--overwrite`); any
-other non-empty directory is refused with a UserError, so a typo in `--out` cannot delete
-unrelated files or a dataset.
+uint16 shard buffer, a batch of documents and the tokenizer's capped training text), so peak
+memory does not grow with the input (`benchmarks/memory_flat.py` measures it). An existing output
+directory is replaced only if it is an earlier prepare's output and `overwrite` is given
+(`--overwrite`); any other non-empty directory is refused with a UserError, so a typo in `--out`
+cannot delete unrelated files or a dataset (`prepare_output`).
 
 Use:
     meta = prepare_text(Path("input.txt"), Path("data/shakes_sp1024"), vocab_size=1024)
     meta = prepare_jsonl(Path("docs.jsonl"), Path("data/docs"), val_docs=1000)
+    meta = prepare_jsonl(Path("docs_selected.jsonl"), Path("data/fw"), tokenizer_path=Path("fineweb_1024_bpe.model"),
+                         challenge=True)
     meta = ensure_prepared(out_dir, text_path=Path("input.txt"))   # no-op when up to date
 """
 
@@ -35,16 +45,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from eval.byte_tables import ByteTables
-from pipeline.data.shards import MAX_TOKEN, SHARD_SIZE, list_shards, read_header, shard_name, write_shard
+from pipeline.data import shards
+from pipeline.data.prepare_output import build_into, make_meta, read_meta, write_split
+from pipeline.data.shards import list_shards, read_header
+from pipeline.data.tiktoken_tokenizer import is_tiktoken_spec
 from pipeline.data.tokenizer import (
     BOS_ID,
     check_vocab,
@@ -54,11 +65,10 @@ from pipeline.data.tokenizer import (
     train_tokenizer_docs,
 )
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write, file_sha256, write_json_atomic
+from pipeline.fileio import atomic_write, file_sha256
 
 DEFAULT_VOCAB = 1024
 TOKENIZER_FILE = "tokenizer.model"
-META_FILE = "meta.json"
 TRAIN_FRACTION = 0.9
 # The challenge's export (data/download_hf_docs_and_tokenize.py; pg_mechanics.md §1.1, §1.5): shards
 # named fineweb_{val,train}_NNNNNN.bin, the first 50,000 documents (or the docs sidecar's
@@ -116,8 +126,6 @@ def _install_tokenizer(stage: Path, tokenizer_path, vocab_size, train_docs: Call
     """Put tokenizer.model into `stage`; return (tokenizer, meta fields). `tokenizer_path` is a
     SentencePiece .model, a tiktoken spec (`tiktoken:NAME` or FILE.tiktoken, with
     `tiktoken_pattern` for a file), or None to train pgolf's lossless BPE on `train_docs()`."""
-    from pipeline.data.tiktoken_tokenizer import is_tiktoken_spec
-
     dest = stage / TOKENIZER_FILE
     if tokenizer_path is not None and is_tiktoken_spec(tokenizer_path):
         return _install_tiktoken(dest, tokenizer_path, vocab_size, tiktoken_pattern)
@@ -181,123 +189,14 @@ def _capped(texts: Iterator[str], cap: int) -> Iterator[str]:
         yield t
 
 
-# --- staging and committing the output directory ----------------------------------------------
-
-
-def _read_meta(out_dir: Path) -> Optional[dict]:
-    try:
-        return json.loads((Path(out_dir) / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _build_into(out_dir: Path, source: Path, source_sha: str, build: Callable[[Path], dict],
-                overwrite: bool = False) -> dict:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output path {out_dir} is a file; pass a directory to `--out`.")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        # Never replace a folder the user has: only an earlier prepare's output, and only when asked.
-        if _read_meta(out_dir) is None:
-            raise UserError(
-                f"output directory {out_dir} is not empty and is not a `pgolf data prepare` output; "
-                f"choose another output directory (pgolf does not delete it)."
-            )
-        if not overwrite:
-            raise UserError(
-                f"output directory {out_dir} already holds a prepared dataset; pass --overwrite to replace it, "
-                f"or choose another output directory."
-            )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.prepare-", dir=out_dir.parent))
-    stage.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary shared data dir
-    try:
-        meta = build(stage)
-        write_json_atomic(stage / META_FILE, meta)  # last: a stage with meta.json is complete
-        if out_dir.is_dir():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(stage, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(stage, out_dir)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-    return meta
-
-
-class _ShardBuffer:
-    """Streams one split into consecutive shards through a single uint16 buffer of `shard_size`
-    tokens, as the challenge's exporter does, so memory holds one shard at most however large
-    the input (2 bytes a token: 200 MB at the challenge's 10^8). Documents straddle shards."""
-
-    def __init__(self, out_dir: Path, prefix: str, split: str, shard_size: int):
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be positive, got {shard_size}")
-        self.out_dir, self.prefix, self.split = out_dir, prefix, split
-        self.buf = np.empty(shard_size, dtype=np.uint16)  # pages are only touched as it fills
-        self.fill = 0
-        self.n_tokens = 0
-        self.paths: list[Path] = []
-
-    def add(self, tokens: np.ndarray) -> None:
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > MAX_TOKEN):
-            bad = int(tokens.max()) if int(tokens.max()) > MAX_TOKEN else int(tokens.min())
-            raise UserError(f"token id {bad} does not fit the shard format's uint16 payload (ids 0..{MAX_TOKEN}); "
-                            f"use a tokenizer with at most 65,536 ids.")
-        pos = 0
-        while pos < tokens.size:
-            take = min(self.buf.size - self.fill, tokens.size - pos)
-            self.buf[self.fill : self.fill + take] = tokens[pos : pos + take]
-            self.fill += take
-            pos += take
-            if self.fill == self.buf.size:
-                self._flush()
-        self.n_tokens += tokens.size
-
-    def _flush(self) -> None:
-        path = self.out_dir / shard_name(self.prefix, self.split, len(self.paths))
-        write_shard(path, self.buf[: self.fill])
-        self.paths.append(path)
-        self.fill = 0
-
-    def close(self) -> list[Path]:
-        if self.fill:
-            self._flush()
-        self.buf = np.empty(0, dtype=np.uint16)
-        return self.paths
-
-
-def _write_split(stage: Path, prefix: str, split: str, arrays, shard_size: int = SHARD_SIZE) -> tuple[int, int]:
-    """Write a split's token arrays (each `[BOS] + tokens`) as shards; return (tokens, shards)."""
-    writer = _ShardBuffer(stage, prefix, split, shard_size)
-    for arr in arrays:
-        writer.add(arr)
-    paths = writer.close()
-    return writer.n_tokens, len(paths)
-
-
-def _meta(source: Path, kind: str, source_sha: str, split_rule: str, prefix: str, tok: dict,
-          written: dict[str, tuple[int, int]], raw_bytes: dict[str, int], roundtrip: bool,
-          n_docs: dict[str, int], **extra) -> dict:
-    """meta.json of a prepared directory. `written[split]` is (tokens, shards) from _write_split."""
-    return {
-        "source": source.name, "source_kind": kind, "source_sha256": source_sha, **extra,
-        "split_rule": split_rule, "prefix": prefix, **tok, "bos_id": BOS_ID,
-        "train_tokens": written["train"][0], "val_tokens": written["val"][0],
-        "train_shards": written["train"][1], "val_shards": written["val"][1],
-        "train_raw_bytes": raw_bytes["train"], "val_raw_bytes": raw_bytes["val"],
-        "val_roundtrip_exact": roundtrip, "n_docs": n_docs,
-    }
-
-
 # --- text -------------------------------------------------------------------------------------
 
 
-def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefix="data", overwrite=False) -> dict:
+def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefix="data", overwrite=False, *,
+                 tiktoken_pattern: Optional[str] = None, shard_size: Optional[int] = None) -> dict:
     """Prepare one UTF-8 text file (90/10 byte split). `vocab_size` None means 1024 when a
-    tokenizer is trained, and "whatever it has" when `tokenizer_path` is given."""
+    tokenizer is trained, and "whatever it has" when `tokenizer_path` is given (a .model or a
+    tiktoken spec, see `_install_tokenizer`). Returns the meta.json dict; raises UserError."""
     text_path = _require_file(text_path, "--text")
     data = text_path.read_bytes()
     try:
@@ -315,27 +214,29 @@ def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefi
 
     def build(stage: Path) -> dict:
         sp, tok = _install_tokenizer(
-            stage, tokenizer_path, vocab_size, lambda: _capped(iter([train_text]), TOKENIZER_MAX_TRAIN_BYTES)
-        )
-        chunkable = chunk_safe(sp)
+            stage, tokenizer_path, vocab_size, lambda: _capped(iter([train_text]), TOKENIZER_MAX_TRAIN_BYTES),
+            tiktoken_pattern)
+        # tiktoken encodes a long text in linear time and memory itself; only SentencePiece is chunked
+        chunkable = tok["tokenizer_kind"] == "sentencepiece" and chunk_safe(sp)
         val = _encode(sp, val_text, chunkable)
-        written = {"val": _write_split(stage, prefix, "val", [val])}
+        written = {"val": write_split(stage, prefix, "val", [val], shard_size or shards.SHARD_SIZE)}
         roundtrip = sp.decode(val[1:].tolist()) == val_text
         del val
-        written["train"] = _write_split(stage, prefix, "train", [_encode(sp, train_text, chunkable)])
-        return _meta(text_path, "text", source_sha,
+        written["train"] = write_split(stage, prefix, "train", [_encode(sp, train_text, chunkable)],
+                                        shard_size or shards.SHARD_SIZE)
+        return make_meta(text_path, "text", source_sha,
                      "first int(0.9*n) bytes train (cut moved forward to a UTF-8 character boundary), the rest "
                      "val; each split is one document [BOS]+tokens", prefix, tok, written,
                      {"train": cut, "val": len(data) - cut}, roundtrip, {"train": 1, "val": 1},
                      source_bytes=len(data), split_byte=cut)
 
-    return _build_into(Path(out_dir), text_path, source_sha, build, overwrite)
+    return build_into(Path(out_dir), text_path, source_sha, build, overwrite)
 
 
 # --- jsonl ------------------------------------------------------------------------------------
 
 
-def _iter_jsonl(path: Path) -> Iterator[str]:
+def iter_jsonl(path: Path) -> Iterator[str]:
     """Each document's text, in file order; blank lines are skipped."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -366,11 +267,47 @@ def _batched(texts: Iterator[str], n: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _docs_sidecar(jsonl_path: Path) -> Optional[dict]:
+    """The challenge's `<stem>.source_manifest.json` beside the docs (num_docs, docs_val, ...), or None."""
+    path = jsonl_path.with_name(f"{jsonl_path.stem}.source_manifest.json")
+    if not path.is_file():
+        return None
+    try:
+        side = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); restore it or remove it.") from None
+    if not isinstance(side, dict):
+        raise UserError(f"{path} is not a JSON object; restore it or remove it.")
+    return side
+
+
 def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val_docs=None, prefix="data",
-                  overwrite=False) -> dict:
-    """Prepare a jsonl of {"text": ...} documents; the first `val_docs` documents are val."""
+                  overwrite=False, *, challenge: bool = False, tiktoken_pattern: Optional[str] = None,
+                  shard_size: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Prepare a jsonl of {"text": ...} documents; the first `val_docs` documents are val
+    (default 10%), each document `[BOS] + tokens`, streamed: memory holds one shard buffer.
+
+    `challenge=True` reproduces the challenge's export (pg_mechanics.md §1.1, §1.5): shards
+    `fineweb_{val,train}_NNNNNN.bin` of `shard_size` (10^8) tokens, `val_docs` defaulting to
+    the `docs_val` of a `<stem>.source_manifest.json` beside the file, else 50,000, and the given
+    tokenizer (required). `progress(done_docs, total_docs)` is called as documents are written.
+    Returns the meta.json dict; raises UserError for bad input."""
     jsonl_path = _require_file(jsonl_path, "--jsonl")
-    n_docs = sum(1 for _ in _iter_jsonl(jsonl_path))  # also validates every line up front
+    shard_size = shard_size or shards.SHARD_SIZE
+    n_docs = sum(1 for _ in iter_jsonl(jsonl_path))  # also validates every line up front
+    side = None
+    if challenge:
+        if tokenizer_path is None:
+            raise UserError("--challenge reproduces the challenge's export with its tokenizer: pass --tokenizer "
+                            "M.model (the published fineweb_<V>_bpe.model, or one from `pgolf tokenizer train "
+                            "--style challenge`).")
+        prefix = CHALLENGE_PREFIX
+        side = _docs_sidecar(jsonl_path)
+        if side is not None and side.get("num_docs") is not None and int(side["num_docs"]) != n_docs:
+            raise UserError(f"{jsonl_path} has {n_docs} documents but its source manifest records num_docs="
+                            f"{side['num_docs']}: it is not the published document list; re-download it.")
+        if val_docs is None:
+            val_docs = int(side["docs_val"]) if side and side.get("docs_val") is not None else CHALLENGE_VAL_DOCS
     n_val = max(1, n_docs // 10) if val_docs is None else int(val_docs)
     if n_val < 1 or n_val >= n_docs:
         raise UserError(
@@ -380,7 +317,7 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
     source_sha = file_sha256(jsonl_path)
 
     def docs(split: str) -> Iterator[str]:
-        for i, text in enumerate(_iter_jsonl(jsonl_path)):
+        for i, text in enumerate(iter_jsonl(jsonl_path)):
             if (i < n_val) == (split == "val"):
                 yield text
             elif split == "val":
@@ -388,9 +325,9 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
 
     def build(stage: Path) -> dict:
         sp, tok = _install_tokenizer(
-            stage, tokenizer_path, vocab_size, lambda: _capped(docs("train"), TOKENIZER_MAX_TRAIN_BYTES)
-        )
-        stats = {"val_raw_bytes": 0, "train_raw_bytes": 0, "roundtrip": True}
+            stage, tokenizer_path, vocab_size, lambda: _capped(docs("train"), TOKENIZER_MAX_TRAIN_BYTES),
+            tiktoken_pattern)
+        stats = {"val_raw_bytes": 0, "train_raw_bytes": 0, "roundtrip": True, "done": 0}
 
         def encoded(split: str) -> Iterator[np.ndarray]:
             for batch in _batched(docs(split), _ENCODE_BATCH_DOCS):
@@ -399,16 +336,27 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
                     stats[f"{split}_raw_bytes"] += len(text.encode("utf-8"))
                     if split == "val" and stats["roundtrip"]:
                         stats["roundtrip"] = sp.decode(doc_ids) == text
-                    yield np.array([BOS_ID] + doc_ids, dtype=np.int32)
+                    doc = np.empty(len(doc_ids) + 1, dtype=np.int32)
+                    doc[0] = BOS_ID
+                    doc[1:] = doc_ids
+                    yield doc
+                stats["done"] += len(batch)
+                if progress is not None:
+                    progress(stats["done"], n_docs)
 
-        written = {split: _write_split(stage, prefix, split, encoded(split)) for split in ("val", "train")}
-        return _meta(jsonl_path, "jsonl", source_sha,
-                     f"first {n_val} documents val, the remaining {n_docs - n_val} train; each document is "
-                     "[BOS]+tokens", prefix, tok, written,
+        written = {split: write_split(stage, prefix, split, encoded(split), shard_size) for split in ("val", "train")}
+        rule = (f"the challenge's export (data/download_hf_docs_and_tokenize.py): first {n_val} documents val, the "
+                f"remaining {n_docs - n_val} train, each [BOS]+tokens, {shard_size}-token shards" if challenge else
+                f"first {n_val} documents val, the remaining {n_docs - n_val} train; each document is [BOS]+tokens")
+        extra = {"shard_size": shard_size, "challenge_export": challenge}
+        if side is not None:
+            extra["docs_source_manifest"] = {k: side.get(k) for k in ("num_docs", "docs_val", "shuffle_seed",
+                                                                      "docs_sha256")}
+        return make_meta(jsonl_path, "jsonl", source_sha, rule, prefix, tok, written,
                      {"train": stats["train_raw_bytes"], "val": stats["val_raw_bytes"]}, stats["roundtrip"],
-                     {"train": n_docs - n_val, "val": n_val})
+                     {"train": n_docs - n_val, "val": n_val}, **extra)
 
-    return _build_into(Path(out_dir), jsonl_path, source_sha, build, overwrite)
+    return build_into(Path(out_dir), jsonl_path, source_sha, build, overwrite)
 
 
 # --- skip when up to date ---------------------------------------------------------------------
@@ -422,6 +370,8 @@ def _up_to_date(meta: Optional[dict], out_dir: Path, source: Path, tokenizer_pat
         if not meta.get("tokenizer_trained") or meta.get("vocab_size") != (vocab_size or DEFAULT_VOCAB):
             return False
     else:
+        if is_tiktoken_spec(tokenizer_path):
+            return False  # the directory keeps the ranks re-written, not the given file: rebuild
         if meta.get("tokenizer_sha256") != file_sha256(Path(tokenizer_path)):
             return False
         if vocab_size is not None and meta.get("vocab_size") != vocab_size:
@@ -457,7 +407,7 @@ def ensure_prepared(
         raise ValueError("ensure_prepared needs exactly one of text_path or jsonl_path")
     out_dir = Path(out_dir)
     source = _require_file(text_path or jsonl_path, "--text" if text_path else "--jsonl")
-    meta = _read_meta(out_dir)
+    meta = read_meta(out_dir)
     if _up_to_date(meta, out_dir, source, tokenizer_path, vocab_size, val_docs if jsonl_path else None, prefix):
         return meta
     if text_path is not None:

@@ -10,8 +10,9 @@ its BPE file must already be in the user's tiktoken cache (`TIKTOKEN_CACHE_DIR`,
 `DATA_GYM_CACHE_DIR`, else `<tmp>/data-gym-cache`): tiktoken has no offline switch, so pgolf
 swaps tiktoken's network reader for one that raises, and a missing file is a UserError naming
 its URL and the cache path, never a download. A `.tiktoken` file given by path holds only the
-ranks, not the regex that splits text before the merges, so `pattern` is required then (a regex,
-or the name of an encoding whose pattern to borrow, itself from the cache).
+ranks, not the regex that splits text before the merges, so `pattern` is required then: a regex,
+or the name of an encoding whose regex to use (read from its tiktoken constructor, which is then
+handed the given file instead of fetching its own, so no cache is needed either).
 
 Shard ids are ranks + 4 (ids 0-3 are pad/bos/eos/unk, BOS 1, as in the challenge's shards;
 `pipeline.data.tiktoken_file`), so a vocabulary needs at most 65,532 ranks to fit the uint16
@@ -247,7 +248,3 @@ def tiktoken_meta(tok: TiktokenTokenizer) -> dict:
     """meta.json fields that say what the directory's tokenizer file is."""
     return {"tokenizer_kind": KIND, "tiktoken_source": tok.source, "tiktoken_pattern": tok.pattern,
             "token_id_offset": ID_OFFSET}
-
-
-def ranks_sha256(tok: TiktokenTokenizer) -> str:
-    return hashlib.sha256(tok.ranks_file_bytes()).hexdigest()

@@ -1,6 +1,6 @@
 """The artifact on disk: write the compressed blob, account its bytes, gate on the cap, read it back.
 
-    qmodel = quantize_state_dict(model.state_dict(), recipe.quant.rules)
+    qmodel = quantize_state_dict(model.state_dict(), recipe.quant.rules, roles=param_roles(model))
     result = package_model(qmodel, Path("export/model.bin"), recipe.package, code_bytes,
                            meta={"recipe": recipe.name, "seed": recipe.seed, "model": {...}})
     for line in size_lines(result): print(line)
@@ -25,35 +25,26 @@ freshly built model exactly (strict load). Runtime-pure: the submission script b
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
-from pipeline.config import CONTROL_PATTERN, PackageConfig
+from pipeline.config import PackageConfig
 from pipeline.errors import SizeCapError, UserError
-from pipeline.export.codec import INT_RANGES, ArtifactError, build_metadata, compress, decode_artifact, encode_container
+from pipeline.export.codec import SCHEMES, ArtifactError, build_metadata, compress, decode_artifact, encode_container
 from pipeline.export.plan import QuantizedModel
 from pipeline.fileio import atomic_write
+from pipeline.model.roles import report_group
 
 GROUPS = ("embed", "attn", "mlp", "control", "other")
-_CONTROL_RE = re.compile(CONTROL_PATTERN)
-_EMBED_RE = re.compile(r"(^|\.)(tok_emb|lm_head|value_embeds)(\.|$)|bigram\.embed")
 
 
-def tensor_group(name: str) -> str:
-    """Reporting group of a state_dict name. Control wins over attn/mlp because e.g.
-    `blocks.0.attn.q_gain` is stored fp32 like every other control tensor."""
-    if _CONTROL_RE.search(name):
-        return "control"
-    if _EMBED_RE.search(name):
-        return "embed"
-    if ".attn." in name:
-        return "attn"
-    if ".mlp." in name:
-        return "mlp"
-    return "other"
+def tensor_group(name: str, role: str | None) -> str:
+    """Reporting group of a state_dict tensor with parameter role `role` (None: a buffer): control
+    and gate tensors are "control" (wherever they sit: `blocks.0.attn.q_gain` is stored fp32 like
+    every other control tensor), embeddings and the head "embed", the rest attn/mlp/other by name."""
+    return report_group(name, role)
 
 
 def serialize(qmodel: QuantizedModel, meta: Mapping) -> bytes:
@@ -63,7 +54,7 @@ def serialize(qmodel: QuantizedModel, meta: Mapping) -> bytes:
 
 def _label(qmodel: QuantizedModel, cfg: PackageConfig) -> str:
     # e.g. "int6_int8+zstd-22", in the spirit of the records' "int6+zstd-22" log labels
-    schemes = sorted({m["scheme"] for m in qmodel.manifest.values() if m["scheme"] in INT_RANGES})
+    schemes = sorted({m["scheme"] for m in qmodel.manifest.values() if SCHEMES[m["scheme"]].int_range})
     level = min(cfg.level, 9) if cfg.compressor == "zlib" else cfg.level
     return f"{'_'.join(schemes) or 'fp16'}+{cfg.compressor}-{level}"
 
@@ -72,8 +63,9 @@ def group_breakdown(qmodel: QuantizedModel, cfg: PackageConfig) -> dict[str, dic
     """Per group: tensor count, raw payload bytes, and the group's bytes compressed on their
     own (an estimate: the real blob compresses all groups in one frame)."""
     out = {}
+    role = {e["name"]: e.get("role") for e in qmodel.plan}
     for g in GROUPS:
-        names = [n for n in qmodel.manifest if tensor_group(n) == g]
+        names = [n for n in qmodel.manifest if tensor_group(n, role.get(n)) == g]
         payload = b"".join(qmodel.tensors[k].contiguous().view(-1).view(torch.uint8)
                            .numpy().tobytes() for n in names for k in qmodel.entries_of(n))
         out[g] = {"tensors": len(names), "raw_bytes": len(payload),

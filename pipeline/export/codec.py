@@ -1,9 +1,20 @@
 """Runtime-pure quantization math and artifact reader for the "pgolf-quant" format, v1.
 
-What is here: every quantization scheme (int6 / int8 per row, fp16 / fp32 casts, exact
-"raw" pass-through for non-float tensors), the two codecs (zstd, zlib), and a hand-written
-parser of the artifact container, ending in `decode_artifact`, which turns a blob back into
-a state_dict.
+What is here: the registry of quantization schemes (`SCHEMES`; built in: int6 / int8 per row,
+fp16 / fp32 casts, exact "raw" pass-through for non-float tensors), the two codecs (zstd, zlib),
+and a hand-written parser of the artifact container, ending in `decode_artifact`, which turns a
+blob back into a state_dict.
+
+A scheme is one `Scheme` in one place: `encode` (tensor -> container entries), `decode` (entries
+-> tensor), `layout` (the entries' keys, storage dtypes and shapes from the tensor's shape alone:
+what the size predictor lays out and what the reader expects), whether recipe rules may clip it,
+and an optional `calibrate(model, batches)` hook. A scheme that declares `calibrate` gets, at the
+end of training and inside the training time budget (the train stage runs and times it, and
+counts it in train_time_s: the records' GPTQ reserve, pg_mechanics.md §4.1.4), the trained model
+and a stream of training batches; what it returns ({tensor name: tensor}) reaches its `encode`
+as `calibration` for that tensor when the export stage quantizes (pipeline.export.calibration).
+Register one with `register_scheme(Scheme(...))` in a module the runtime imports; recipes
+name it in `quant.rules` and the recipe loader checks the name against this registry.
 
 Why it stands alone: the submission's self-contained `train_gpt.py` must read and
 dequantize the artifact with only the standard library, torch, numpy and zstandard, so this
@@ -38,6 +49,7 @@ import json
 import math
 import struct
 import zlib
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -51,10 +63,6 @@ except ImportError:  # bundled into the self-contained submission script
 FORMAT_NAME = "pgolf-quant"
 FORMAT_VERSION = 1
 METADATA_KEY = "pgolf_quant"
-SCHEMES = ("int6", "int8", "fp16", "fp32", "raw")
-# Integer code range per scheme. int6 keeps #684's asymmetric [-32, 31]; with the row-max
-# scale the codes only ever reach ±31, the -32 is just the clamp #684 used.
-INT_RANGES = {"int6": (-32, 31), "int8": (-127, 127)}
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # Dtype tags of the safetensors header -> little-endian numpy dtype. BF16 has no numpy
 # type, so it is read as uint16 and reinterpreted by torch.
@@ -91,8 +99,9 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def container_keys(name: str, scheme: str) -> list[str]:
-    """The container entries one state_dict tensor becomes under `scheme`."""
-    return [name + ".q", name + ".scale"] if scheme in INT_RANGES else [name]
+    """The container entries one state_dict tensor becomes under `scheme` (the keys of its layout,
+    which never depend on the shape)."""
+    return [e.key for e in SCHEMES[scheme].layout(name, (1, 1), torch.float32)]
 
 
 def row_quantile(a: torch.Tensor, q: float, chunk_elems: int = 1 << 22) -> torch.Tensor:
@@ -115,7 +124,7 @@ def row_quantile(a: torch.Tensor, q: float, chunk_elems: int = 1 << 22) -> torch
 
 def _quantize_int(t: torch.Tensor, scheme: str, clip_percentile: float | None,
                   scale_floor: float | None = None, name: str = "tensor"):
-    qmin, qmax = INT_RANGES[scheme]
+    qmin, qmax = SCHEMES[scheme].int_range
     w = t.detach().float()
     per_row = w.ndim >= 2
     w2 = w.reshape(w.shape[0], -1) if per_row else w.reshape(1, -1)
@@ -149,52 +158,133 @@ def _quantize_int(t: torch.Tensor, scheme: str, clip_percentile: float | None,
 
 
 def quantize_tensor(t: torch.Tensor, scheme: str, clip_percentile: float | None = None,
-                    name: str = "tensor", scale_floor: float | None = None
+                    name: str = "tensor", scale_floor: float | None = None, calibration=None
                     ) -> dict[str, torch.Tensor]:
     """Encode one tensor; returns {container key: tensor} (fresh, contiguous storage).
-    `scale_floor` (int6/int8 only): lower bound of the scale, see _quantize_int."""
-    if scheme in INT_RANGES:
-        q, scale = _quantize_int(t, scheme, clip_percentile, scale_floor, name)
-        return {name + ".q": q, name + ".scale": scale}
-    if scheme == "fp16":
-        half_max = torch.finfo(torch.float16).max
-        if t.numel() and float(t.detach().abs().max()) > half_max:
-            raise StorageRangeError(
-                f"tensor {name!r} holds {float(t.detach().abs().max()):.6g}, beyond fp16's range (max {half_max:.6g}), "
-                f"so storing it fp16 would write inf; lower the learning rates, or give it an fp32 quant rule")
-        return {name: t.detach().to(torch.float16).clone().contiguous()}
-    if scheme == "fp32":
-        return {name: t.detach().to(torch.float32).clone().contiguous()}
-    if scheme == "raw":
-        return {name: t.detach().clone().contiguous()}
-    raise ValueError(f"unknown quant scheme {scheme!r} for {name}; expected one of {SCHEMES}")
+    `scale_floor` (int6/int8 only): lower bound of the scale, see _quantize_int. `calibration`:
+    what the scheme's `calibrate` hook returned for this tensor (None without one)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quant scheme {scheme!r} for {name}; expected one of {tuple(SCHEMES)}")
+    return SCHEMES[scheme].encode(t, name=name, clip_percentile=clip_percentile, scale_floor=scale_floor,
+                                  calibration=calibration)
 
 
 def dequantize_tensor(entries: dict[str, torch.Tensor], name: str, scheme: str,
                       dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     """Decode one tensor from its container entries back to its original dtype and shape."""
     shape = [int(d) for d in shape]
-    numel = math.prod(shape)
     if scheme not in SCHEMES:
         raise ArtifactError(f"artifact tensor {name!r} has unknown scheme {scheme!r}; "
                             "it was written by an incompatible pgolf, re-run `pgolf package`")
-    for key in container_keys(name, scheme):
-        if key not in entries:
-            raise ArtifactError(f"artifact is missing entry {key!r} for tensor {name!r}; "
+    spec = SCHEMES[scheme]
+    for e in spec.layout(name, tuple(shape), dtype):
+        if e.key not in entries:
+            raise ArtifactError(f"artifact is missing entry {e.key!r} for tensor {name!r}; "
                                 "the blob is corrupt, re-run `pgolf package`")
-    if scheme not in INT_RANGES:
-        t = entries[name]
-        if t.numel() != numel:
-            raise ArtifactError(f"artifact tensor {name!r} has {t.numel()} elements, header "
-                                f"says shape {shape}; the blob is corrupt")
-        return t.reshape(shape).to(dtype)
-    q, scale = entries[name + ".q"], entries[name + ".scale"]
-    rows = shape[0] if len(shape) >= 2 else 1
-    if q.numel() != numel or scale.numel() != rows:
-        raise ArtifactError(f"artifact tensor {name!r}: codes/scales do not match shape "
-                            f"{shape}; the blob is corrupt, re-run `pgolf package`")
-    w = q.float().reshape(rows, -1) * scale.float().reshape(rows, 1)
-    return w.reshape(shape).to(dtype)
+        if entries[e.key].numel() != math.prod(e.shape):
+            raise ArtifactError(f"artifact tensor {name!r}: entry {e.key!r} has {entries[e.key].numel()} elements, "
+                                f"header shape {shape} needs {math.prod(e.shape)}; the blob is corrupt, "
+                                "re-run `pgolf package`")
+    return spec.decode(entries, name, dtype, shape)
+
+
+# --------------------------------------------------------------------------------------
+# the scheme registry
+
+
+class Entry(NamedTuple):
+    """One container entry of a scheme's layout."""
+
+    key: str
+    dtype: torch.dtype  # storage dtype
+    shape: list[int]
+    stream: str  # the size predictor pools entries of one stream kind per report group
+
+
+class Scheme(NamedTuple):  # a NamedTuple, not a dataclass: this module also loads outside sys.modules
+    """A quantization scheme. `encode(t, *, name, clip_percentile, scale_floor, calibration)` ->
+    {key: tensor}; `decode(entries, name, dtype, shape)` -> tensor; `layout(name, shape, dtype)`
+    -> [Entry] exactly as encode stores them; `calibrate(model, batches)` -> {tensor name:
+    tensor}, optional (see the module docstring for when it runs)."""
+
+    name: str
+    encode: Callable
+    decode: Callable
+    layout: Callable
+    int_range: Optional[tuple[int, int]] = None  # integer codes in [lo, hi] with per-row scales
+    takes_clip: bool = False  # a rule may set clip_percentile and scale_floor
+    selectable: bool = True  # a recipe rule may name it ("raw" is for non-float tensors only)
+    calibrate: Optional[Callable] = None
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(scheme: Scheme) -> Scheme:
+    if scheme.name in SCHEMES:
+        raise ValueError(f"quant scheme {scheme.name!r} registered twice")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def selectable_schemes() -> list[str]:
+    return [n for n, s in SCHEMES.items() if s.selectable]
+
+
+def _int_scheme(scheme_name: str, qmin: int, qmax: int) -> Scheme:
+    def encode(t, *, name, clip_percentile=None, scale_floor=None, calibration=None):
+        q, scale = _quantize_int(t, scheme_name, clip_percentile, scale_floor, name)
+        return {name + ".q": q, name + ".scale": scale}
+
+    def decode(entries, name, dtype, shape):
+        q, scale = entries[name + ".q"], entries[name + ".scale"]
+        rows = shape[0] if len(shape) >= 2 else 1
+        w = q.float().reshape(rows, -1) * scale.float().reshape(rows, 1)
+        return w.reshape(shape).to(dtype)
+
+    def layout(name, shape, dtype):
+        # N-D tensors get one fp16 scale per row (dim 0); 1-D and 0-D tensors one fp32 scalar.
+        per_row = len(shape) >= 2
+        return [Entry(name + ".q", torch.int8, list(shape), "int8"),
+                Entry(name + ".scale", torch.float16 if per_row else torch.float32,
+                      [shape[0]] if per_row else [], "scale")]
+
+    return Scheme(scheme_name, encode, decode, layout, int_range=(qmin, qmax), takes_clip=True)
+
+
+def _cast_scheme(scheme_name: str, store: Optional[torch.dtype], selectable: bool = True) -> Scheme:
+    """A plain cast to `store` (None: keep the dtype, bit-exact)."""
+
+    def encode(t, *, name, clip_percentile=None, scale_floor=None, calibration=None):
+        if store == torch.float16:
+            half_max = torch.finfo(torch.float16).max
+            if t.numel() and float(t.detach().abs().max()) > half_max:
+                raise StorageRangeError(
+                    f"tensor {name!r} holds {float(t.detach().abs().max()):.6g}, beyond fp16's range (max "
+                    f"{half_max:.6g}), so storing it fp16 would write inf; lower the learning rates, or give it an "
+                    "fp32 quant rule")
+        out = t.detach() if store is None else t.detach().to(store)
+        return {name: out.clone().contiguous()}
+
+    def decode(entries, name, dtype, shape):
+        return entries[name].reshape(shape).to(dtype)
+
+    def layout(name, shape, dtype):
+        kept = dtype if store is None else store
+        return [Entry(name, kept, list(shape), dtype_name(kept))]
+
+    return Scheme(scheme_name, encode, decode, layout, selectable=selectable)
+
+
+# int6 keeps #684's asymmetric [-32, 31]; with the row-max scale the codes only ever reach ±31,
+# the -32 is just the clamp #684 used.
+register_scheme(_int_scheme("int6", -32, 31))
+register_scheme(_int_scheme("int8", -127, 127))
+register_scheme(_cast_scheme("fp16", torch.float16))
+register_scheme(_cast_scheme("fp32", torch.float32))
+register_scheme(_cast_scheme("raw", None, selectable=False))
+# Integer code range of the built-in integer schemes (kept for readers of the ranges).
+INT_RANGES = {n: s.int_range for n, s in SCHEMES.items() if s.int_range}
 
 
 # --------------------------------------------------------------------------------------

@@ -1,17 +1,21 @@
 """The quantization plan: the recipe's quant rules resolved per tensor, then each tensor encoded.
 
 Usage:
-    plan = resolve_plan(named_shapes_of(model), recipe.quant.rules)   # JSON-able list
-    qmodel = quantize_state_dict(model.state_dict(), recipe.quant.rules)
+    roles = param_roles(model)          # pipeline.model.roles, or tensor_roles(recipe.model)
+    plan = resolve_plan(named_shapes_of(model), recipe.quant.rules, roles)   # JSON-able list
+    qmodel = quantize_state_dict(model.state_dict(), recipe.quant.rules, roles=roles)
     # qmodel.tensors -> container entries, qmodel.manifest -> per-tensor header,
     # qmodel.plan -> the resolved plan; pipeline.export.artifact writes it.
 
-Rule matching (first match wins, in recipe order): `re.search(rule.pattern, name)` and
-`min_numel <= numel <= max_numel`, where a bound of 0 means unbounded. Non-float tensors
-ignore the rules and pass through bit-exact ("raw"). A float tensor that no rule matches
-is a user error: the plan must say what happens to every tensor, so the recipe needs a
-catch-all last rule. `resolve_plan` only needs shapes and dtypes, so it runs on a
-meta-device model (`pgolf check`) as well as on trained weights.
+Rule matching (first match wins, in recipe order): `re.search(rule.pattern, name)`, the
+tensor's role among `rule.roles` (when the rule names roles), and `min_numel <= numel <=
+max_numel`, where a bound of 0 means unbounded. Roles are the ones parts declare where they
+create parameters, so the default plan keeps every control and gate tensor fp32 without a list of
+names. Non-float tensors ignore the rules and pass through bit-exact ("raw"). A float tensor that
+no rule matches is a user error: the plan must say what happens to every tensor, so the recipe
+needs a catch-all last rule. `resolve_plan` only needs shapes, dtypes and roles, so it runs on a
+meta-device model (`pgolf check`) as well as on trained weights. Scheme names are those of the
+codec's registry (pipeline.export.codec.SCHEMES).
 """
 
 from __future__ import annotations
@@ -25,9 +29,7 @@ import torch
 
 from pipeline.config import QuantConfig, QuantRule
 from pipeline.errors import UserError
-from pipeline.export.codec import INT_RANGES, container_keys, dtype_name, quantize_tensor
-
-_VALID_SCHEMES = ("int6", "int8", "fp16", "fp32")
+from pipeline.export.codec import SCHEMES, container_keys, dtype_name, quantize_tensor, selectable_schemes
 
 
 @dataclass
@@ -77,18 +79,19 @@ def check_quant_rules(rules: tuple[QuantRule, ...]) -> list[re.Pattern]:
                         "`{scheme: int8, pattern: '.*'}`")
     compiled = []
     for i, r in enumerate(rules):
-        if r.scheme not in _VALID_SCHEMES:
+        if r.scheme not in selectable_schemes():
             raise UserError(f"quant.rules[{i}] has scheme {r.scheme!r}; use one of "
-                            f"{', '.join(_VALID_SCHEMES)}")
+                            f"{', '.join(selectable_schemes())}")
         try:
             compiled.append(re.compile(r.pattern))
         except re.error as e:
             raise UserError(f"quant.rules[{i}] pattern {r.pattern!r} is not a valid regular "
                             f"expression ({e}); fix the pattern") from None
         if r.clip_percentile is not None:
-            if r.scheme not in INT_RANGES:
+            if not SCHEMES[r.scheme].takes_clip:
+                clipping = "/".join(n for n, s in SCHEMES.items() if s.takes_clip)
                 raise UserError(f"quant.rules[{i}] sets clip_percentile on scheme {r.scheme!r};"
-                                " clipping only applies to int6/int8, remove it")
+                                f" clipping only applies to {clipping}, remove it")
             if not 0.0 < float(r.clip_percentile) <= 100.0:
                 raise UserError(f"quant.rules[{i}] clip_percentile {r.clip_percentile} must be "
                                 "in (0, 100], e.g. 99.99984")
@@ -98,27 +101,34 @@ def check_quant_rules(rules: tuple[QuantRule, ...]) -> list[re.Pattern]:
     return compiled
 
 
-def resolve_plan(named_shapes: Mapping[str, tuple], rules) -> list[dict]:
-    """One dict per tensor, in the given order: {name, scheme, clip_percentile, numel,
-    rule_index}. Non-float tensors get scheme "raw" and rule_index None."""
+def resolve_plan(named_shapes: Mapping[str, tuple], rules, roles: Mapping[str, str] | None = None) -> list[dict]:
+    """One dict per tensor, in the given order: {name, scheme, clip_percentile, scale_floor, numel,
+    rule_index, role}. Non-float tensors get scheme "raw" and rule_index None. `roles` ({name:
+    role}, pipeline.model.roles) is needed when a rule names roles; tensors without a role
+    (buffers) match only rules that name none."""
     rules = _rules_of(rules)
     compiled = check_quant_rules(rules)
+    if roles is None and any(r.roles for r in rules):
+        raise ValueError("resolve_plan: a quant rule names parameter roles, so pass roles= "
+                         "(pipeline.model.roles.param_roles(model) or tensor_roles(recipe.model))")
+    roles = roles or {}
     plan = []
     for name, (shape, dtype) in named_shapes.items():
         numel = math.prod(int(d) for d in shape)
+        role = roles.get(name)
         if not as_dtype(dtype).is_floating_point:
             plan.append({"name": name, "scheme": "raw", "clip_percentile": None, "scale_floor": None,
-                         "numel": numel, "rule_index": None})
+                         "numel": numel, "rule_index": None, "role": role})
             continue
         for i, (rule, rx) in enumerate(zip(rules, compiled)):
-            if not rx.search(name):
+            if not rx.search(name) or (rule.roles and role not in rule.roles):
                 continue
             if (rule.min_numel and numel < rule.min_numel) or \
                     (rule.max_numel and numel > rule.max_numel):
                 continue
             plan.append({"name": name, "scheme": rule.scheme,
                          "clip_percentile": rule.clip_percentile, "scale_floor": rule.scale_floor,
-                         "numel": numel, "rule_index": i})
+                         "numel": numel, "rule_index": i, "role": role})
             break
         else:
             raise UserError(
@@ -128,10 +138,14 @@ def resolve_plan(named_shapes: Mapping[str, tuple], rules) -> list[dict]:
 
 
 def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], rules,
-                        plan: Iterable[dict] | None = None) -> QuantizedModel:
-    """Quantize every tensor of `state_dict` by its plan entry (resolved here if not given)."""
+                        plan: Iterable[dict] | None = None, roles: Mapping[str, str] | None = None,
+                        calibration: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> QuantizedModel:
+    """Quantize every tensor of `state_dict` by its plan entry (resolved here, with `roles`, if not
+    given). `calibration`: {scheme: {tensor name: tensor}}, what each scheme's calibrate hook
+    returned (pipeline.export.calibration); a tensor's entry reaches its scheme's encode."""
     if plan is None:
-        plan = resolve_plan(named_shapes_of(state_dict), rules)
+        plan = resolve_plan(named_shapes_of(state_dict), rules, roles)
+    calibration = calibration or {}
     plan = list(plan)
     out = QuantizedModel(plan=plan)
     for entry in plan:
@@ -144,7 +158,8 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], rules,
             raise UserError(f"tensor {name!r} contains NaN or inf; training diverged — "
                             "package the last good checkpoint or lower the learning rate")
         entries = quantize_tensor(t.detach().cpu(), scheme, entry["clip_percentile"], name,
-                                  scale_floor=entry.get("scale_floor"))
+                                  scale_floor=entry.get("scale_floor"),
+                                  calibration=calibration.get(scheme, {}).get(name))
         clash = [k for k in entries if k in out.tensors]
         if clash:
             raise UserError(f"container name {clash[0]!r} of tensor {name!r} collides with "

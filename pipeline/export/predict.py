@@ -1,7 +1,12 @@
 """Dry-run size prediction: the artifact's bytes from tensor shapes alone (no trained weights).
 
-    est = predict_bytes(named_shapes_of(meta_model), recipe.quant.rules, recipe.package)
-    curve, cap_rms = size_vs_rms(named_shapes_of(meta_model), recipe.quant.rules, recipe.package, code_bytes)
+    roles = param_roles(meta_model)  # pipeline.model.roles
+    est = predict_bytes(named_shapes_of(meta_model), recipe.quant.rules, recipe.package, roles=roles)
+    curve, cap_rms = size_vs_rms(named_shapes_of(meta_model), recipe.quant.rules, recipe.package, code_bytes,
+                                 roles=roles)
+
+Tensor layouts come from each scheme's `layout` (pipeline.export.codec), the same one the
+encoder and the reader use, so a new scheme is predicted without a change here.
 
 Used by `pgolf check`; not part of the runtime the submission script bundles.
 """
@@ -15,22 +20,13 @@ from typing import Mapping
 import torch
 
 from pipeline.config import PackageConfig
-from pipeline.export.artifact import _CONTROL_RE, GROUPS, tensor_group
-from pipeline.export.codec import INT_RANGES, ST_TAGS, build_metadata, compress, dtype_name, quantize_tensor
+from pipeline.export.artifact import GROUPS, tensor_group
+from pipeline.export.codec import SCHEMES, ST_TAGS, build_metadata, compress, dtype_name, quantize_tensor
 from pipeline.export.plan import as_dtype, resolve_plan
+from pipeline.model.roles import CONTROL_ROLES
 
 
-def _entry_layout(name: str, scheme: str, shape: tuple, dtype: torch.dtype):
-    """[(container key, storage dtype, shape)] exactly as quantize_tensor would store it."""
-    if scheme in INT_RANGES:
-        scale_shape = [shape[0]] if len(shape) >= 2 else []
-        dt = torch.float16 if len(shape) >= 2 else torch.float32
-        return [(name + ".q", torch.int8, list(shape)), (name + ".scale", dt, scale_shape)]
-    store = {"fp16": torch.float16, "fp32": torch.float32}.get(scheme, dtype)
-    return [(name, store, list(shape))]
-
-
-def _synth_sample(name: str, shape: tuple, dtype: torch.dtype, std: float | None,
+def _synth_sample(role: str | None, shape: tuple, dtype: torch.dtype, std: float | None,
                   gen: torch.Generator, sample_rows: int) -> torch.Tensor:
     """A Gaussian stand-in with the tensor's full row width and at most sample_rows rows
     (1-D: at most sample_rows * 1024 elements)."""
@@ -43,7 +39,7 @@ def _synth_sample(name: str, shape: tuple, dtype: torch.dtype, std: float | None
     noise = torch.randn(sshape, generator=gen)
     if std is not None:
         x = noise * std
-    elif _CONTROL_RE.search(name):
+    elif role in CONTROL_ROLES:
         # Control tensors start at constants (scales 1, gains 1.5, mixes 1/0) and drift a
         # little in training; "constant-ish" = 1 + small noise, which keeps fp32's exponent
         # bytes compressible but not its mantissa, as in a trained model.
@@ -55,11 +51,12 @@ def _synth_sample(name: str, shape: tuple, dtype: torch.dtype, std: float | None
 
 def predict_bytes(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig,
                   init_std: Mapping[str, float] | None = None, seed: int = 0,
-                  meta: Mapping | None = None, sample_rows: int = 64) -> dict[str, int]:
+                  meta: Mapping | None = None, sample_rows: int = 64,
+                  roles: Mapping[str, str] | None = None) -> dict[str, int]:
     """ESTIMATE of the compressed artifact size from shapes alone (no trained weights).
 
     Each tensor is replaced by a Gaussian sample (std init_std[name]; else 0.02, and
-    1 + 0.01·N for control tensors) with full row width and at most `sample_rows` rows,
+    1 + 0.01·N for control and gate roles) with full row width and at most `sample_rows` rows,
     quantized by its plan scheme. Bytes are pooled into streams by (group, storage kind),
     each stream is compressed with the configured codec, and its compressed/raw ratio is
     applied to the stream's full-size raw bytes. The container header (tensor index +
@@ -72,7 +69,7 @@ def predict_bytes(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig,
 
     Returns {group: bytes for each of GROUPS, "header": bytes, "total": bytes}."""
     init_std = dict(init_std or {})
-    plan = resolve_plan(named_shapes, rules)
+    plan = resolve_plan(named_shapes, rules, roles)
     gen = torch.Generator().manual_seed(int(seed))
     streams: dict[tuple[str, str], list] = {}  # (group, kind) -> [sample bytes list, full]
     fixed = dict.fromkeys(GROUPS, 0)
@@ -80,24 +77,23 @@ def predict_bytes(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig,
     for entry in plan:
         name, scheme = entry["name"], entry["scheme"]
         shape, dtype = tuple(int(d) for d in named_shapes[name][0]), as_dtype(named_shapes[name][1])
-        group = tensor_group(name)
+        group = tensor_group(name, entry["role"])
         manifest[name] = {"scheme": scheme, "dtype": dtype_name(dtype), "shape": list(shape),
                           "clip_percentile": entry["clip_percentile"]}
-        layout = _entry_layout(name, scheme, shape, dtype)
-        for key, store, eshape in layout:
+        layout = SCHEMES[scheme].layout(name, shape, dtype)
+        for key, store, eshape, _stream in layout:
             nbytes = math.prod(eshape) * store.itemsize
             index[key] = {"dtype": ST_TAGS.get(store, "F32"), "shape": eshape,
                           "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         if scheme == "raw":  # integer buffers: no model of their values, count them raw
-            fixed[group] += sum(math.prod(s) * d.itemsize for _, d, s in layout)
+            fixed[group] += sum(math.prod(e.shape) * e.dtype.itemsize for e in layout)
             continue
         if math.prod(shape) == 0:
             continue
-        sample = _synth_sample(name, shape, dtype, init_std.get(name), gen, sample_rows)
+        sample = _synth_sample(entry["role"], shape, dtype, init_std.get(name), gen, sample_rows)
         parts = quantize_tensor(sample, scheme, entry["clip_percentile"], name, scale_floor=entry.get("scale_floor"))
-        for key, store, eshape in layout:
-            kind = "scale" if key.endswith(".scale") and scheme in INT_RANGES else dtype_name(store)
+        for key, store, eshape, kind in layout:
             stream = streams.setdefault((group, kind), [[], 0])
             stream[0].append(parts[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
             stream[1] += math.prod(eshape) * store.itemsize
@@ -114,9 +110,29 @@ def predict_bytes(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig,
     return out
 
 
+def model_figures(model: torch.nn.Module, rules, cfg: PackageConfig) -> dict[str, int]:
+    """What `pgolf check` prints about the model itself, in its order: params=, params_<scheme>=
+    (elements per plan scheme), predicted_bytes_<group>= (and header) and predicted_bytes_model=.
+    `model` may live on the meta device; the plan reads its parameters' declared roles."""
+    from pipeline.export.plan import named_shapes_of
+    from pipeline.model.roles import param_roles
+
+    shapes, roles = named_shapes_of(model), param_roles(model)
+    out = {"params": sum(p.numel() for p in model.parameters())}
+    schemes: dict[str, int] = {}
+    for row in resolve_plan(shapes, rules, roles):
+        schemes[row["scheme"]] = schemes.get(row["scheme"], 0) + row["numel"]
+    out |= {f"params_{scheme}": n for scheme, n in sorted(schemes.items())}
+    pred = predict_bytes(shapes, rules, cfg, roles=roles)
+    out |= {f"predicted_bytes_{group}": n for group, n in sorted(pred.items()) if group != "total"}
+    out["predicted_bytes_model"] = pred["total"]
+    return out
+
+
 def size_vs_rms(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig, code_bytes: int,
                 grid: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3), sample_rows: int = 16,
-                bisect_steps: int = 4) -> tuple[list[tuple[float, int]], float | None]:
+                bisect_steps: int = 4, roles: Mapping[str, str] | None = None
+                ) -> tuple[list[tuple[float, int]], float | None]:
     """Predicted total bytes with every int6/int8 tensor at RMS r, for r in `grid`, and the RMS
     at which the total reaches the cap (None when no grid value reaches it).
 
@@ -126,12 +142,12 @@ def size_vs_rms(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig, co
     a checkpoint's. The crossing is found by bisection in log-RMS between the bracketing grid
     points (the size rises monotonically with the RMS). 16 sample rows keep each evaluation
     to a fraction of a second and agree with 64 rows to within ~0.2 % (sidecar48)."""
-    plan = resolve_plan(named_shapes, rules)
-    quantized = [e["name"] for e in plan if e["scheme"] in INT_RANGES]
+    plan = resolve_plan(named_shapes, rules, roles)
+    quantized = [e["name"] for e in plan if SCHEMES[e["scheme"]].int_range]
 
     def total_at(rms: float) -> int:
         est = predict_bytes(named_shapes, rules, cfg, init_std=dict.fromkeys(quantized, rms),
-                            sample_rows=sample_rows)
+                            sample_rows=sample_rows, roles=roles)
         return est["total"] + code_bytes
 
     curve = [(r, total_at(r)) for r in grid]

@@ -3,38 +3,46 @@
 - `forward(ids)` returns float32 logits [B, T, V] (soft-capped where the recipe says so).
 - `training_loss(ids, targets, step)` returns the scalar loss that is optimised (mean
   cross-entropy plus any training-only auxiliary terms) and a dict of float diagnostics.
-- `param_groups()` routes every parameter, by name, to exactly one optimizer group:
-  "embed" (embedding tables, Adam), "head" (untied output head, Adam), "matrix" (2-D block
-  matrices, Muon) or "scalar" (vectors, gains and control tensors, Adam).
+- `param_groups()` routes every parameter, by the role its part declared where it created it
+  (pipeline.model.roles), to exactly one optimizer group: "embed" (embedding tables, Adam),
+  "head" (untied output head, Adam), "matrix" (2-D block matrices, Muon) or "scalar" (vectors,
+  gains, gates and control tensors, Adam).
 - `blocks` is the ordered list of transformer blocks (score-first TTT may freeze the first N).
 - `causal` is False only for a model built with a known, flagged leak.
+
+Also the settings both trunks read, `model.unet_skips` and `model.resid_mix` (TrunkConfig).
 """
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import CONTROL_PATTERN, ModelConfig
+from pipeline.config import ModelConfig
+from pipeline.model.registry import settings
+from pipeline.model.roles import ROUTE, param_roles, route_groups
 
-_CONTROL_RE = re.compile(CONTROL_PATTERN)
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    """Recipe keys model.<field> of both trunks."""
+
+    # U-Net skips: the first half of the blocks feed the last ones, LIFO.
+    unet_skips: bool = True
+    # resid_mix: x <- m0*x + m1*x0 per block, init (1, 0) (baseline).
+    resid_mix: bool = True
 
 
-def is_control_name(name: str) -> bool:
-    """Control tensors: kept fp32, routed to the scalar optimizer group, never quantized."""
-    return bool(_CONTROL_RE.search(name))
+settings(TrunkConfig)
 
 
 class LanguageModel(nn.Module):
     """Base class of all trunks. Subclasses set `self.config` and `self.blocks`."""
 
     config: ModelConfig
-    # Parameter names (exact) that are embedding tables trained with the embedding LR.
-    embedding_names: tuple[str, ...] = ("tok_emb.weight",)
-    head_names: tuple[str, ...] = ("lm_head.weight",)
 
     @property
     def causal(self) -> bool:
@@ -46,20 +54,10 @@ class LanguageModel(nn.Module):
         return loss, {}
 
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        groups: dict[str, list[tuple[str, nn.Parameter]]] = {
-            "embed": [], "head": [], "matrix": [], "scalar": []}
-        for name, p in self.named_parameters():
-            groups[self.route_param(name, p)].append((name, p))
-        return groups
+        return route_groups(self)
 
     def route_param(self, name: str, p: nn.Parameter) -> str:
-        if name in self.embedding_names:
-            return "embed"
-        if name in self.head_names:
-            return "head"
-        if p.ndim == 2 and not is_control_name(name):
-            return "matrix"
-        return "scalar"
+        return ROUTE[param_roles(self)[name]]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -10,11 +10,17 @@
 
 E = num_layers // 2 (baseline 4 of 9, #684 5 of 11). Attention / MLP / residual are registry
 parts; the trunk knows nothing of any one entry. Build with `build_model(cfg.model)`.
+
+Settings: `model.unet_skips`, `model.resid_mix` (TrunkConfig, pipeline/model/base.py) and
+UNetConfig's `model.ln_scale`, `model.smear_gate`, `model.bigram`, `model.sidecar`,
+`model.init`, plus whatever the chosen attention / mlp / residual / normalizer parts read.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -22,9 +28,26 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.model.base import LanguageModel, rms_norm, softcap
-from pipeline.model.parts.embeddings import BigramHash, SmearGate
-from pipeline.model.parts.sidecar import SharedSparseSidecar
-from pipeline.model.registry import register, resolve
+from pipeline.model.parts.embeddings import BigramConfig, BigramHash, SmearGate
+from pipeline.model.parts.sidecar import SharedSparseSidecar, SidecarConfig
+from pipeline.model.registry import register, resolve, settings
+from pipeline.model.roles import set_roles
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Recipe keys model.<field> of the unet_gpt trunk: PR #684's input and depth extras."""
+
+    ln_scale: bool = False  # norm output scaled by 1/sqrt(layer+1) (PR #315)
+    smear_gate: bool = False  # static per-channel blend with the previous position
+    bigram: Optional[BigramConfig] = None  # BigramHash input embedding (absent = off)
+    sidecar: Optional[SidecarConfig] = None  # the shared sidecar after its site blocks (absent = off)
+    # Weight init: "default" (PyTorch + zero-init output projections) or "orthogonal"
+    # (#684: orthogonal for >=64x64 linears, .proj scaled by 1/sqrt(2L)).
+    init: Literal["default", "orthogonal"] = "default"
+
+
+settings(UNetConfig)
 
 
 class Block(nn.Module):
@@ -38,6 +61,7 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(D))
         self.mlp_scale = nn.Parameter(torch.ones(D))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(D), torch.zeros(D)))) if cfg.resid_mix else None
+        set_roles(self, control=("attn_scale", "mlp_scale", "resid_mix"))
         # Optional normalizer of the mix over its two sources (dim 0), per channel. The raw init
         # (1, 0) is kept whatever the normalizer: see parts/normalizers.py for what it becomes.
         self.mix_normalizer = None
@@ -61,8 +85,6 @@ class Block(nn.Module):
 
 
 class UNetGPT(LanguageModel):
-    embedding_names = ("tok_emb.weight", "bigram.embed.weight")
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -78,6 +100,9 @@ class UNetGPT(LanguageModel):
         if self.sidecar is not None and max(self.sidecar.layers) >= L:
             raise ValueError(f"sidecar layers {self.sidecar.layers} exceed num_layers {L}")
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(D, cfg.vocab_size, bias=False)
+        set_roles(self, control=("skip_weights",))
+        if self.lm_head is not None:
+            set_roles(self.lm_head, head=("weight",))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -130,6 +155,20 @@ class UNetGPT(LanguageModel):
         return softcap(logits.float(), self.config.logit_softcap)
 
 
-@register("trunk", "unet_gpt")
+def _sidecar_problems(m: ModelConfig, ok) -> list[tuple[list[str], str]]:
+    # Sidecar sites are blocks of this trunk.
+    if m.sidecar is None or not ok("model.sidecar.layers", "model.num_layers"):
+        return []
+    over = [i for i in m.sidecar.layers if i >= m.num_layers]
+    if not over:
+        return []
+    return [(["model.sidecar.layers", "model.num_layers"],
+             f"model.sidecar.layers {list(m.sidecar.layers)}: layers {over} do not exist; model.num_layers is "
+             f"{m.num_layers}, so sites must be below {m.num_layers}.")]
+
+
+@register("trunk", "unet_gpt", kinds=("attention", "mlp", "residual", "normalizer"),
+          reads=("unet_skips", "resid_mix", "ln_scale", "smear_gate", "bigram", "sidecar", "init"),
+          check=_sidecar_problems)
 def unet_gpt(cfg: ModelConfig) -> LanguageModel:
     return UNetGPT(cfg)

@@ -1,7 +1,10 @@
 """The `depth_recurrent` trunk: PR #298's 3 shared blocks run for 3 passes, with all its extras.
 
-Build with `build_model(ModelConfig(trunk="depth_recurrent", ...))`; every extra is switched by
-`cfg.recurrent` (RecurrentConfig), and the published future leak by `cfg.leaky_selective_state`.
+Build with `build_model(ModelConfig.of(trunk="depth_recurrent", ...))`; every extra is switched by
+`model.recurrent` (RecurrentConfig), and the published future leak by `model.leaky_selective_state`.
+The trunk reads those two, `model.rope`, `model.qk_gain_init`, `model.unet_skips`,
+`model.resid_mix` and resolves only an `mlp` part: a recipe setting anything else of the unet_gpt
+family (bigram, sidecar, k_gain, ..., an attention or residual part) is refused when it loads.
 The forward pass (seed_prs.md §2.1, in this order; x is [B, T, D], P passes of N blocks):
 
     x0 = RMSNorm(tok_emb[ids] + value_embeds[ids])            value_embeds: second table, init 0
@@ -35,15 +38,16 @@ zero gradient.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig, RecurrentConfig
-from pipeline.errors import UserError
+from pipeline.config import MAX_WIDTH, ModelConfig, constrained
 from pipeline.model.base import LanguageModel, rms_norm, softcap
 from pipeline.model.parts.attention import zero_init
+from pipeline.model.parts.rotary import rope_problems
 from pipeline.model.recurrent_parts import (
     ConfidenceConditioning,
     ExitGate,
@@ -57,7 +61,48 @@ from pipeline.model.recurrent_parts import (
     binary_entropy,
     gate_gradient,
 )
-from pipeline.model.registry import register
+from pipeline.model.registry import register, settings
+from pipeline.model.roles import set_roles
+
+
+@dataclass(frozen=True)
+class RecurrentConfig:
+    """PR #298's depth-recurrent trunk (3 unique blocks x 3 passes) and its extras: model.recurrent.*"""
+
+    unique_layers: int = constrained(3, ge=1, le=256)
+    passes: int = constrained(3, ge=1, le=256)
+    k_rank: int = constrained(32, ge=1, le=MAX_WIDTH)  # low-rank key projection D -> r -> kv_dim
+    td_rank: int = constrained(16, ge=1, le=MAX_WIDTH)  # temporal-difference low-rank path
+    gru_rank: int = constrained(16, ge=1, le=MAX_WIDTH)  # selective-state GRU low-rank gates
+    value_embeds: bool = True  # second, zero-initialised input table
+    spectral_embed_init: bool = True  # tok_emb ~ N(0, (0.1/sqrt(D))^2)
+    resonant_pe: bool = True
+    selective_state: bool = True
+    confidence: bool = True
+    grad_memory: bool = True
+    temporal_difference: bool = True
+    td_loss_weight: float = constrained(0.001, ge=0)
+    exit_gate: bool = True
+    exit_gate_bias_init: float = 2.0
+    exit_gate_loss_weight: float = constrained(0.005, ge=0)
+    # Thermodynamic entropy term: loss += weight * (-T(k) * mean entropy), T(k)=t0*exp(-k/tau).
+    thermo: bool = True
+    thermo_weight: float = constrained(0.05, ge=0)
+    thermo_t0: float = constrained(0.5, ge=0)
+    thermo_tau: float = constrained(5000.0, gt=0)
+
+
+@dataclass(frozen=True)
+class RecurrentTrunkConfig:
+    """Recipe key model.leaky_selective_state of this trunk."""
+
+    # PR #298's published Selective State is a mean over *all* positions: a future leak.
+    # Off = causal prefix mean. On = reproduce the leak; every report marks the run non-causal.
+    leaky_selective_state: bool = False
+
+
+settings(RecurrentConfig, section="recurrent")
+settings(RecurrentTrunkConfig)
 
 
 def thermo_temperature(step, rc: RecurrentConfig, device=None) -> torch.Tensor:
@@ -84,36 +129,9 @@ def thermo_term(logits: torch.Tensor, step: int, rc: RecurrentConfig) -> torch.T
     return rc.thermo_weight * (-thermo_temperature(step, rc, logits.device) * mean_softmax_entropy(logits))
 
 
-# Options of the unet_gpt trunk that this trunk does not have. Refusing them beats silently
-# training a model other than the one the recipe describes.
-_UNSUPPORTED = ("bigram", "sidecar", "smear_gate", "kv_shift_mix", "k_gain", "local_v_mix", "ln_scale")
-
-
-def _check_config(cfg: ModelConfig) -> None:
-    bad = [name for name in _UNSUPPORTED if getattr(cfg, name)]
-    if bad:
-        names = ", ".join("model." + b for b in bad)
-        raise UserError(f"model.trunk depth_recurrent does not support {names}; "
-                        "remove them or use trunk unet_gpt.")
-    if cfg.attention != "causal" or cfg.residual != "standard":
-        raise UserError("model.trunk depth_recurrent has its own low-rank-K attention and a standard "
-                        f"residual; got attention={cfg.attention!r}, residual={cfg.residual!r}.")
-    if cfg.mix_normalizer != "none":
-        raise UserError(f"model.mix_normalizer {cfg.mix_normalizer!r}: depth_recurrent keeps resid_mix raw; "
-                        "use 'none' or trunk unet_gpt.")
-    if cfg.init != "default":
-        raise UserError(f"model.init {cfg.init!r}: depth_recurrent uses PR #298's init ('default') only.")
-    rc = cfg.recurrent
-    if rc.unique_layers < 1 or rc.passes < 1:
-        raise UserError("model.recurrent.unique_layers and passes must be >= 1.")
-
-
 class DepthRecurrentGPT(LanguageModel):
-    embedding_names = ("tok_emb.weight", "value_embeds.weight")
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        _check_config(cfg)
         self.config = cfg
         rc = cfg.recurrent
         D, V = cfg.model_dim, cfg.vocab_size
@@ -138,6 +156,9 @@ class DepthRecurrentGPT(LanguageModel):
         self.td = TemporalDifference(P, D, rc.td_rank) if rc.temporal_difference else None
         self.exit_proj = ExitGate(D, rc.exit_gate_bias_init) if rc.exit_gate else None
         self.lm_head = None if cfg.tie_embeddings else zero_init(nn.Linear(D, V, bias=False))
+        set_roles(self, control=("skip_weight",))
+        if self.lm_head is not None:
+            set_roles(self.lm_head, head=("weight",))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -229,6 +250,8 @@ class DepthRecurrentGPT(LanguageModel):
         return loss, dict(zip(("ce", "td_aux", "gate_aux", "thermo"), values))
 
 
-@register("trunk", "depth_recurrent")
+@register("trunk", "depth_recurrent", kinds=("mlp",),
+          reads=("unet_skips", "resid_mix", "rope", "qk_gain_init", "recurrent", "leaky_selective_state"),
+          check=rope_problems)
 def depth_recurrent(cfg: ModelConfig) -> LanguageModel:
     return DepthRecurrentGPT(cfg)

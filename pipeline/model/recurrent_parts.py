@@ -7,9 +7,9 @@ pass index `p` is an argument of `forward`: PR #298 stores them this way, and it
 parameter count and the state-dict layout identical to the published model.
 
 Build: each class takes plain sizes (passes P, width D, rank r) except the attention and the
-block, which read a `ModelConfig`. Parameter names are chosen against
-`pipeline.config.CONTROL_PATTERN`: per-pass vectors and gains match it (fp32, scalar Adam
-group); the low-rank matrices do not (Muon), as PR #298 routes them.
+block, which read a `ModelConfig`. Roles (pipeline.model.roles) follow PR #298's routing: per-pass
+vectors and gains are control tensors (fp32, scalar Adam group; the GRU gate a gate), the
+low-rank factors and the exit gate's weight row are matrices (Muon), the exit gate's bias `other`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pipeline.model.base import head_dim, rms_norm
 from pipeline.model.parts.attention import zero_init
 from pipeline.model.parts.rotary import Rotary
 from pipeline.model.registry import resolve
+from pipeline.model.roles import set_roles
 
 # Low-rank "A" factors start small and random, "B" factors at zero (the LoRA convention
 # PR #298 uses for its GRU and TD paths), so each path starts as an exact zero.
@@ -62,6 +63,7 @@ class LowRankKAttention(nn.Module):
         self.c_v = nn.Linear(D, KV * self.hd, bias=False)
         self.proj = zero_init(nn.Linear(D, D, bias=False))
         self.q_gain = nn.Parameter(torch.full((H,), cfg.qk_gain_init))
+        set_roles(self, control=("q_gain",))
         self.rotary = Rotary(self.hd, cfg.rope)
 
     def _rope(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +122,8 @@ class RecurrentBlock(nn.Module):
 class PassLayerControl(nn.Module):
     """PR #298's per-(pass, layer) control sets, indexed by s = p * N + l.
 
-    resid_mix [S, 2, D] init (1, 0); attn_scale and mlp_scale [S, D] init 1. The module name
-    `control` puts all three under CONTROL_PATTERN's `control\\.` (fp32, scalar group)."""
+    resid_mix [S, 2, D] init (1, 0); attn_scale and mlp_scale [S, D] init 1: control tensors
+    (fp32, scalar group)."""
 
     def __init__(self, steps: int, dim: int, resid_mix: bool = True):
         super().__init__()
@@ -129,6 +131,7 @@ class PassLayerControl(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(steps, dim))
         mix = torch.stack((torch.ones(steps, dim), torch.zeros(steps, dim)), dim=1)
         self.resid_mix = nn.Parameter(mix) if resid_mix else None
+        set_roles(self, control=("attn_scale", "mlp_scale", "resid_mix"))
 
     def forward(self, s: int):
         mix = self.resid_mix[s] if self.resid_mix is not None else None
@@ -151,6 +154,7 @@ class ResonantPE(nn.Module):
             raise ValueError(f"resonant PE needs an even model_dim, got {dim}")
         self.freq = nn.Parameter(torch.randn(passes, dim // 2) * 0.01)
         self.scale = nn.Parameter(torch.full((passes,), 0.1))
+        set_roles(self, control=("freq", "scale"))
 
     def forward(self, x: torch.Tensor, p: int) -> torch.Tensor:
         T = x.size(1)
@@ -201,6 +205,7 @@ class GRUCarry(nn.Module):
         self.z_a, self.z_b = low_rank_pair(dim, rank, dim)
         self.h_a, self.h_b = low_rank_pair(dim, rank, dim)
         self.gru_gate = nn.Parameter(torch.zeros(passes, dim))
+        set_roles(self, gate=("gru_gate",))
 
     def forward(self, state: torch.Tensor, p: int) -> torch.Tensor:
         z = torch.sigmoid(self.z_b(self.z_a(state)))
@@ -217,6 +222,7 @@ class ConfidenceConditioning(nn.Module):
     def __init__(self, passes: int, dim: int):
         super().__init__()
         self.conf_vec = nn.Parameter(torch.zeros(passes, dim))
+        set_roles(self, control=("conf_vec",))
 
     def forward(self, c_prev: torch.Tensor, p: int) -> torch.Tensor:
         return c_prev.unsqueeze(-1) * self.conf_vec[p].to(c_prev.dtype)
@@ -231,6 +237,7 @@ class GradientMemory(nn.Module):
     def __init__(self, passes: int, dim: int):
         super().__init__()
         self.mem_vec = nn.Parameter(torch.full((passes, dim), 0.1))
+        set_roles(self, control=("mem_vec",))
 
     def forward(self, x: torch.Tensor, x_prev: torch.Tensor, p: int) -> torch.Tensor:
         return self.mem_vec[p].to(x.dtype) * (x - x_prev).abs()
@@ -247,6 +254,7 @@ class TemporalDifference(nn.Module):
         super().__init__()
         self.a, self.b = low_rank_pair(dim, rank, dim)
         self.alpha_td = nn.Parameter(torch.full((passes,), alpha_init))
+        set_roles(self, control=("alpha_td",))
 
     def forward(self, x: torch.Tensor, x_in: torch.Tensor, p: int) -> torch.Tensor:
         target = self.b(self.a(x))
@@ -264,6 +272,7 @@ class ExitGate(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1, dim))
         self.bias = nn.Parameter(torch.full((1,), bias_init))
+        set_roles(self, matrix=("weight",), other=("bias",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(F.linear(x, self.weight, self.bias)).squeeze(-1)

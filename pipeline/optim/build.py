@@ -4,10 +4,13 @@
     ...
     for opt in optimizers: opt.step()
 
-Routing comes from `model.param_groups()` (pipeline.model.base): "matrix" -> Muon at matrix_lr;
-"embed", "head" and "scalar" -> one Adam each at embed_lr / head_lr / scalar_lr with the recipe's
-betas and eps (pg_mechanics.md §3.3). adam_wd > 0 switches those to AdamW, whose decoupled decay
-p <- p*(1 - lr*wd) follows the LR schedule like Muon's (PR #684 uses 0.04, seed_prs.md §3.0).
+Routing comes from `model.param_groups()` (pipeline.model.base), which reads the role each part
+declared for its parameters where it created them (pipeline.model.roles: matrix -> "matrix",
+embedding -> "embed", head -> "head", control / gate / other -> "scalar"; no name patterns):
+"matrix" -> Muon at matrix_lr; "embed", "head" and "scalar" -> one Adam each at embed_lr / head_lr /
+scalar_lr with the recipe's betas and eps (pg_mechanics.md §3.3). adam_wd > 0 switches those to
+AdamW, whose decoupled decay p <- p*(1 - lr*wd) follows the LR schedule like Muon's (PR #684 uses
+0.04, seed_prs.md §3.0).
 Each param group records its unscheduled lr in `base_lr` (the schedule multiplies it) and its
 route in `route`. Frozen parameters (requires_grad False) are left out; every trainable
 parameter must land in exactly one optimizer, which is checked here.

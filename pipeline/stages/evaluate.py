@@ -171,3 +171,26 @@ def val_fingerprint(data: Data) -> dict:
     if counts is not None:
         h.update(np.ascontiguousarray(counts, dtype="<u2").tobytes())
     return {"val_sha256": h.hexdigest(), "val_token_count": int(data.val_tokens.size)}
+
+
+def score_train_slice(model, data: Data, recipe: Recipe, dist_info, log) -> dict:
+    """The diagnostic of `eval.train_tokens`: the first N training tokens scored like the validation
+    set (same windows and byte tables; no TTT, no leak alarm: training text is expected to be
+    remembered). Returns the same dict as `score`."""
+    n = recipe.eval.train_tokens
+    parts, have = [], 0
+    for path in data.train_shards:
+        if have > n:
+            break
+        shard = np.asarray(load_shard(path), dtype=np.uint16)[: n + 1 - have]
+        parts.append(shard)
+        have += shard.size
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+    t0 = time.perf_counter()
+    tables = replace(data.tables, token_bytes=None)  # a byte sidecar counts validation tokens only
+    res = evaluate(model, tokens, tables, recipe.eval, dist_info.device, dist_info.rank, dist_info.world_size)
+    out = _as_dict(res, time.perf_counter() - t0)
+    log(f"train_slice_exact tokens={out['token_count']} val_loss={out['val_loss']:.8f} val_bpb={out['val_bpb']:.8f} "
+        f"top1_accuracy={out['top1_accuracy']:.4f} (training tokens: a diagnostic, off the clock)")
+    return out
+

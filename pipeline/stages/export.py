@@ -6,7 +6,10 @@
 The weights come from the train stage's file, checked against the sha256 it recorded. The blob's
 metadata is the recipe name, seed and model config, so `pgolf run` and the shipped `train_gpt.py`
 write byte-identical blobs for the same weights. Sizes under the recipe's `quant.compare` plans
-(e.g. PR #298's int8 + zlib-9) are reported beside it, unscored. Runtime-pure.
+(e.g. PR #298's int8 + zlib-9) are reported beside it, unscored. The plan reads each tensor's
+parameter role from the recipe's model (built on the meta device: shapes and roles only), and
+hands a calibrating scheme what it gathered in the train stage (pipeline.export.calibration).
+Runtime-pure.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from pipeline.distributed import barrier, broadcast_from_main
 from pipeline.errors import UserError
 from pipeline.export.artifact import load_artifact, package_model, serialize, size_lines
 from pipeline.export.codec import compress
+from pipeline.export.calibration import calibrating_schemes, load_calibration
 from pipeline.export.plan import quantize_state_dict
 from pipeline.fileio import file_sha256
+from pipeline.model.roles import tensor_roles
 from pipeline.stages.base import Context, Stage
-from pipeline.stages.train import WEIGHTS
+from pipeline.stages.train import CALIBRATION, WEIGHTS
 
 BLOB = "model.bin"
 
@@ -36,16 +41,32 @@ def load_weights(ctx: Context) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_train_calibration(ctx: Context) -> dict | None:
+    """What the train stage's calibrating schemes gathered, verified against its recorded sha256
+    (None when no scheme of the recipe calibrates)."""
+    expected = ctx.outputs["train"].get("calibration_sha256")
+    if expected is None:
+        if calibrating_schemes(ctx.recipe):  # cannot happen through the stage keys; never encode without it
+            raise UserError(f"quant schemes {calibrating_schemes(ctx.recipe)} calibrate in the train stage, which "
+                            "recorded no calibration; delete the train folder and rerun.")
+        return None
+    path = ctx.path("train", CALIBRATION)
+    if not path.is_file() or file_sha256(path) != expected:
+        raise UserError(f"{path} is missing or does not match the sha256 the train stage recorded ({expected[:12]}…); "
+                        "delete the train folder and rerun to recalibrate.")
+    return load_calibration(path)
+
+
 def blob_meta(recipe: Recipe) -> dict:
     """The identity written into the blob: same recipe and weights, same bytes, whoever writes it."""
     return {"recipe": recipe.name, "seed": recipe.seed, "model": to_dict(recipe.model)}
 
 
-def compare_sizes(state: dict, recipe: Recipe) -> dict:
+def compare_sizes(state: dict, recipe: Recipe, roles: dict, calibration: dict | None = None) -> dict:
     """Model bytes under each `quant.compare` plan, unscored."""
     sizes = {}
     for plan in recipe.quant.compare:
-        q = quantize_state_dict(state, plan.rules)
+        q = quantize_state_dict(state, plan.rules, roles=roles, calibration=calibration)
         sizes[plan.name] = len(compress(serialize(q, {"recipe": recipe.name, "plan": plan.name}),
                                         plan.compressor, plan.level))
     return sizes
@@ -59,10 +80,11 @@ def _run_export(ctx: Context) -> dict:
     result = None
     if ctx.dist.is_main:
         try:
-            state = load_weights(ctx)
-            qmodel = quantize_state_dict(state, r.quant.rules)
+            state, calibration = load_weights(ctx), load_train_calibration(ctx)
+            roles = tensor_roles(r.model)
+            qmodel = quantize_state_dict(state, r.quant.rules, roles=roles, calibration=calibration)
             result = package_model(qmodel, blob, r.package, ctx.code_bytes, meta=blob_meta(r))
-            result["compare"] = compare_sizes(state, r)
+            result["compare"] = compare_sizes(state, r, roles, calibration)
         except UserError as e:
             broadcast_from_main(ctx.dist, ("error", type(e), str(e)))
             raise

@@ -31,7 +31,8 @@ SUMMARY_KEYS = (
     "recipe", "seed", "val_bpb", "val_loss", "val_bpb_prequant", "val_bpb_roundtrip", "val_bpb_ttt",
     "ttt_compliant", "causal", "params", "bytes_model", "bytes_code", "bytes_total", "cap_bytes",
     "artifact_sha256", "steps", "stopped_by", "train_time_s", "eval_time_s", "diagnostic_time_s", "tokens_seen",
-    "val_tokens", "val_bytes", "val_sha256", "val_token_count", "byte_source", "eval_mode", "device", "device_name",
+    "val_tokens", "val_bytes", "val_top1_accuracy", "train_top1_accuracy", "train_bpb", "val_sha256",
+    "val_token_count", "byte_source", "eval_mode", "device", "device_name",
     "world_size", "torch_version", "tokenizer_sha256", "vocab_size",
 )
 
@@ -80,6 +81,11 @@ def build_report(ctx: Context) -> dict:
         "train_time_s": train["train_time_s"], "eval_time_s": scores["eval_time_s"],
         "diagnostic_time_s": scores.get("diagnostic_time_s"), "tokens_seen": train["tokens_seen"],
         "val_tokens": final["token_count"], "val_bytes": final["byte_count"],
+        # top-1 accuracy of the artifact's model (before TTT) on held-out and, with
+        # eval.train_tokens, on training tokens: what a training-accuracy claim means
+        "val_top1_accuracy": scores["roundtrip"]["top1_accuracy"],
+        "train_top1_accuracy": (scores.get("train_slice") or {}).get("top1_accuracy"),
+        "train_bpb": (scores.get("train_slice") or {}).get("val_bpb"),
         "val_stream_bytes": data.val_stream_bytes, "val_raw_bytes": data.val_raw_bytes,
         "val_bytes_warning": warning, "byte_source": data.byte_source,
         **val_fingerprint(data), "eval_mode": r.eval.mode,

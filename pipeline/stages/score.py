@@ -2,6 +2,7 @@
 
     diagnostic (off the clock): the exported weights before quantization, sliding window
     scored passes (on the clock): read the blob back -> sliding window -> score-first TTT
+    diagnostic (off the clock, with eval.train_tokens): the artifact's model on training tokens
 
 `eval_time_s` is the time of the scored passes, from reading the blob to the last score, as the
 challenge's 600-second evaluation limit counts it; the pre-quantization diagnostic is timed apart
@@ -53,11 +54,17 @@ def _run_score(ctx: Context) -> dict:
     t0 = time.perf_counter()
     model = roundtrip_into(fresh, ctx.path("export", BLOB), ctx.outputs["export"]["sha256"])
     roundtrip = _check_finite("roundtrip", ev.score(model, data, r, dist, log, label="roundtrip"))
+    train_slice = None
+    if r.eval.train_tokens:  # a diagnostic between the scored passes: taken off their clock
+        t1 = time.perf_counter()
+        train_slice = ev.score_train_slice(model, data, r, dist, log)
+        diagnostic_time += time.perf_counter() - t1
+        t0 += time.perf_counter() - t1
     ttt = _check_finite("ttt", ev.score_ttt(model, data, r, dist, log)) if r.ttt.enabled else None
     eval_time = time.perf_counter() - t0
     log(f"eval_done eval_time={eval_time:.1f}s diagnostic_time={diagnostic_time:.1f}s (diagnostic off the clock)")
-    return {"prequant": prequant, "roundtrip": roundtrip, "ttt": ttt, "eval_time_s": eval_time,
-            "diagnostic_time_s": diagnostic_time}
+    return {"prequant": prequant, "roundtrip": roundtrip, "ttt": ttt, "train_slice": train_slice,
+            "eval_time_s": eval_time, "diagnostic_time_s": diagnostic_time}
 
 
 def score_config(ctx: Context) -> dict:

@@ -339,6 +339,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, validate: Optional[Callable] = None, stop_at_step: Optional[int] = None) -> TrainResult:
         t = self.recipe.train
+        self.log(f"train_setup device={self.dist.device} threads={torch.get_num_threads()}")
         resumed = self.try_resume()
         if resumed is not None:
             self.log(f"resume step={resumed} train_time={self.train_time:.1f}s from={self.out_dir / CHECKPOINT}")
@@ -510,6 +511,9 @@ def train(recipe: Recipe, shard_paths, out_dir: Optional[Path], dist_info: DistI
 # ---------------------------------------------------------------------------------------- the stage
 
 WEIGHTS = "weights.pt"  # the exported (EMA) state_dict, fp32 on the CPU; the export stage reads it
+# What quantization schemes with a calibrate hook gathered from training data (only written when
+# a plan uses one; pipeline.export.calibration).
+CALIBRATION = "calibration.pt"
 
 
 def _run_train_stage(ctx: Context) -> dict:
@@ -529,16 +533,36 @@ def _run_train_stage(ctx: Context) -> dict:
     finally:
         if progress is not None:
             progress.close()
+    # A quantization scheme that calibrates on training data does it now, on the exported weights,
+    # and its seconds count as training time (pipeline.export.calibration); free when none does.
+    from pipeline.export.calibration import calibrate, save_calibration
+
+    calibration, calibration_s = calibrate(r, exported, ctx.data.train_shards, ctx.dist, ctx.log)
     weights = ctx.path("train", WEIGHTS)
     if ctx.dist.is_main:
         weights.parent.mkdir(parents=True, exist_ok=True)
         _atomic_save({k: v.detach().cpu() for k, v in exported.state_dict().items()}, weights)
+        if calibration is not None:
+            save_calibration(calibration, ctx.path("train", CALIBRATION))
     barrier(ctx.dist)
     ctx.log(f"train_done steps={result.steps} train_time={result.train_time_s:.1f}s tokens_seen={result.tokens_seen} "
             f"stopped_by={result.stopped_by} exported={'ema' if r.ema.enabled else 'raw'} weights")
-    return {"steps": result.steps, "train_time_s": result.train_time_s, "tokens_seen": result.tokens_seen,
-            "stopped_by": result.stopped_by, "history": result.history, "weights_sha256": file_sha256(weights)}
+    outputs = {"steps": result.steps, "train_time_s": result.train_time_s + calibration_s,
+               "tokens_seen": result.tokens_seen, "stopped_by": result.stopped_by, "history": result.history,
+               "weights_sha256": file_sha256(weights)}
+    if calibration is not None:
+        outputs |= {"calibration_time_s": calibration_s,
+                    "calibration_sha256": file_sha256(ctx.path("train", CALIBRATION))}
+    return outputs
 
 
-TRAIN = Stage("train", depends_on=lambda ctx: training_config(ctx.recipe), data_inputs=("train",), files=(WEIGHTS,),
+def _train_stage_key(ctx: Context) -> dict:
+    # The calibrating schemes run inside this stage, so a plan that adds one reruns it.
+    from pipeline.export.calibration import calibrating_schemes
+
+    names = calibrating_schemes(ctx.recipe)
+    return training_config(ctx.recipe) | ({"calibrating_schemes": names} if names else {})
+
+
+TRAIN = Stage("train", depends_on=_train_stage_key, data_inputs=("train",), files=(WEIGHTS,),
               run=_run_train_stage)

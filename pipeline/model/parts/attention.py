@@ -6,9 +6,14 @@ PR #684 extras, each switched by the recipe (seed_prs.md §3.1):
 - kv_shift_mix: k_t += kappa_h k_{t-1}, v_t += nu_h v_{t-1} before norm/RoPE (init 0),
 - k_gain: per-KV-head gain on keys after RoPE (init 1),
 - local_v_mix: y_h += lambda_h v_t, the token's own value (init 0), XSA's additive twin.
+Settings: the flat keys `model.qk_gain_init`, `model.kv_shift_mix`, `model.k_gain`,
+`model.local_v_mix` (CausalAttentionConfig) and `model.rope`. Every gain and mix is a control
+parameter (Adam, kept fp32 by the default plan); q/k/v/proj are matrices (Muon).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +21,22 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.model.base import head_dim, rms_norm
-from pipeline.model.parts.rotary import Rotary
-from pipeline.model.registry import register
+from pipeline.model.parts.rotary import Rotary, rope_problems
+from pipeline.model.registry import register, settings
+from pipeline.model.roles import set_roles
+
+
+@dataclass(frozen=True)
+class CausalAttentionConfig:
+    """Recipe keys model.<field>: the baseline's q gain and PR #684's attention extras."""
+
+    qk_gain_init: float = 1.5  # learned per-head q gain, its init (also depth_recurrent's attention)
+    kv_shift_mix: bool = False  # k_t += kappa_h k_{t-1}; v_t += nu_h v_{t-1}
+    k_gain: bool = False  # per-KV-head gain on keys after RoPE
+    local_v_mix: bool = False  # y_h += lambda_h v_t (own value)
+
+
+settings(CausalAttentionConfig)
 
 
 def shift_right(x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +64,7 @@ class CausalSelfAttention(nn.Module):
         self.k_shift = nn.Parameter(torch.zeros(KV)) if cfg.kv_shift_mix else None
         self.v_shift = nn.Parameter(torch.zeros(KV)) if cfg.kv_shift_mix else None
         self.local_v_mix = nn.Parameter(torch.zeros(H)) if cfg.local_v_mix else None
+        set_roles(self, control=("q_gain", "k_gain", "k_shift", "v_shift", "local_v_mix"))
         self.rotary = Rotary(self.hd, cfg.rope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +90,7 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.reshape(B, T, D))
 
 
-@register("attention", "causal")
+@register("attention", "causal", reads=("qk_gain_init", "kv_shift_mix", "k_gain", "local_v_mix", "rope"),
+          check=rope_problems)
 def causal_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     return CausalSelfAttention(cfg, layer_idx)

@@ -25,7 +25,7 @@ Storage choices (parameter counts as the paper's: 3Hd + 5HP + 2Hda per layer):
   [H*a, d] and `proj` [d, H*a] (the H x d x a kernels flattened over heads). As 2-D matrices under
   `.attn.` they get Muon and the int6 export rule like every other attention matrix; 3-D tensors
   would fall to Adam and the generic rules.
-- a1, a2, b1, b2, c are `elita_pos_*` [H, P]: control tensors (CONTROL_PATTERN), fp32, Adam.
+- a1, a2, b1, b2, c are `elita_pos_*` [H, P]: control tensors (their declared role), fp32, Adam.
 - O (`proj`) and FeedForward2's W3' (`proj`) are zero-initialised like every output projection
   in this codebase, instead of the author's Glorot: each block then starts as the identity on
   the residual stream (the baseline's recipe for stable Muon training), and gradients still reach
@@ -42,14 +42,34 @@ rounding depend on future tokens, so bitwise causality fails (a test shows it).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import MAX_WIDTH, ModelConfig, constrained
 from pipeline.model.parts.attention import zero_init
-from pipeline.model.registry import register
+from pipeline.model.registry import register, settings
+from pipeline.model.roles import set_roles
+
+
+@dataclass(frozen=True)
+class ElitaConfig:
+    """ELiTA Attention2 and FeedForward2 (seed_components.md §3): model.elita.*"""
+
+    position_width: int = constrained(16, ge=1, le=4096)  # P, sinusoid components of the position functions
+    value_width: int = constrained(0, ge=0, le=MAX_WIDTH)  # a, per-head value width; 0 = model_dim // num_heads
+    # Positions are n_i = i / (position_len - 1) with a FIXED length, so outputs do not depend
+    # on how many tokens follow (prefix consistent). The published linspace(0, 1, T) divides by
+    # the window's own length instead; it is kept behind this flag and fails `pgolf audit`.
+    position_len: int = constrained(1024, ge=2)
+    length_normalised_positions: bool = False
+    ff_width: int = constrained(0, ge=0, le=MAX_WIDTH)  # A of FeedForward2; 0 = model_dim
+    ff_rank: int = constrained(8, ge=1, le=1024)  # r, the author's "linear factor"
+
+
+settings(ElitaConfig, section="elita")
 
 LOGIT_CLIP = 20.0  # the author's clip: e^20 * T stays far inside fp32's range
 _POS_NAMES = ("a1", "a2", "b1", "b2", "c")
@@ -82,6 +102,7 @@ class ElitaAttention(nn.Module):
             p = nn.Parameter(torch.empty(H, self.P))
             nn.init.uniform_(p, -_UNIFORM, _UNIFORM)
             setattr(self, f"elita_pos_{name}", p)
+        set_roles(self, control=tuple(f"elita_pos_{name}" for name in _POS_NAMES))
         self.c_v = nn.Linear(D, H * self.a, bias=False)
         limit = math.sqrt(6.0 / (H * (D + self.a)))  # Keras Glorot on the [H, d, a] kernel
         nn.init.uniform_(self.c_v.weight, -limit, limit)
@@ -153,11 +174,22 @@ class ElitaFeedForward(nn.Module):
         return self.proj((u[..., :, None] * z[..., None, :]).flatten(-2))
 
 
-@register("attention", "elita")
+@register("attention", "elita", reads=("elita",))
 def elita_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     return ElitaAttention(cfg, layer_idx)
 
 
-@register("mlp", "elita_ff2")
+def _ff2_width_problems(m: ModelConfig, ok) -> list[tuple[list[str], str]]:
+    if not ok("model.elita", "model.model_dim"):
+        return []
+    width = (m.elita.ff_width or m.model_dim) * m.elita.ff_rank
+    if width <= 1 << 20:
+        return []
+    return [(["model.elita.ff_width", "model.elita.ff_rank", "model.model_dim"],
+             f"model.elita: FeedForward2's hidden width (ff_width or model_dim) x ff_rank = {width} is over "
+             f"{1 << 20}; lower model.elita.ff_rank or ff_width.")]
+
+
+@register("mlp", "elita_ff2", reads=("elita",), check=_ff2_width_problems)
 def elita_ff2(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     return ElitaFeedForward(cfg, layer_idx)

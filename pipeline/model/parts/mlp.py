@@ -21,6 +21,14 @@ class ReluSquaredMLP(nn.Module):
         return self.proj(torch.relu(self.fc(x)).square())
 
 
-@register("mlp", "relu2")
+def _width_problems(m: ModelConfig, ok) -> list[tuple[list[str], str]]:
+    if ok("model.mlp_mult", "model.model_dim") and int(m.mlp_mult * m.model_dim) < 1:
+        return [(["model.mlp_mult", "model.model_dim"],
+                 f"model.mlp_mult: the MLP's hidden width int(mlp_mult x model_dim) = "
+                 f"int({m.mlp_mult} x {m.model_dim}) is 0; raise model.mlp_mult.")]
+    return []
+
+
+@register("mlp", "relu2", check=_width_problems)
 def relu2(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     return ReluSquaredMLP(cfg, layer_idx)

@@ -20,17 +20,35 @@ variant guards it as s + sign(s) * sum_eps with sign(0) taken as +; it can still
 is the point of offering the fixed variant. Everything is per token, hence causal.
 
 Use: `model.residual: orthopar` (or `orthopar_fixed`); the trunk calls module(x, y) with y
-already scaled by attn_scale / mlp_scale. The parameters are named `ortho_alpha` /
-`ortho_beta` so CONTROL_PATTERN's `ortho_` keeps them fp32 and in the Adam scalar group.
+already scaled by attn_scale / mlp_scale. `ortho_alpha` / `ortho_beta` are control tensors
+(fp32 at export, Adam scalar group). Settings: `model.orthopar.*` (OrthoParConfig).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.model.registry import register
+from pipeline.config import ModelConfig, constrained
+from pipeline.model.registry import register, settings
+from pipeline.model.roles import set_roles
+
+
+@dataclass(frozen=True)
+class OrthoParConfig:
+    """lof310's Orthogonal-Parallel residual (seed_components.md §2.1): model.orthopar.*"""
+
+    alpha_mean: float = 0.25
+    alpha_std: float = constrained(0.5, ge=0)
+    beta_mean: float = 0.15
+    beta_std: float = constrained(0.25, ge=0)
+    eps: float = constrained(1e-8, gt=0)  # floor of <x, x> in the projection coefficient
+    sum_eps: float = constrained(1e-6, gt=0)  # guard of the faithful variant's 1/sum(y): s + sign(s) * sum_eps
+
+
+settings(OrthoParConfig, section="orthopar")
 
 
 class OrthoParResidual(nn.Module):
@@ -41,6 +59,7 @@ class OrthoParResidual(nn.Module):
         self.eps, self.sum_eps = oc.eps, oc.sum_eps
         self.ortho_alpha = nn.Parameter(torch.empty(D))
         self.ortho_beta = nn.Parameter(torch.empty(D))
+        set_roles(self, control=("ortho_alpha", "ortho_beta"))
         if not self.ortho_alpha.is_meta:  # `pgolf check` builds on meta: shapes only, nothing to draw
             nn.init.normal_(self.ortho_alpha, mean=oc.alpha_mean, std=oc.alpha_std)
             nn.init.normal_(self.ortho_beta, mean=oc.beta_mean, std=oc.beta_std)
@@ -62,11 +81,11 @@ class OrthoParResidual(nn.Module):
         return (xf + orth + par).to(out_dtype)
 
 
-@register("residual", "orthopar")
+@register("residual", "orthopar", reads=("orthopar",))
 def orthopar(cfg: ModelConfig, layer_idx: int, site: str) -> nn.Module:
     return OrthoParResidual(cfg, fixed=False)
 
 
-@register("residual", "orthopar_fixed")
+@register("residual", "orthopar_fixed", reads=("orthopar",))
 def orthopar_fixed(cfg: ModelConfig, layer_idx: int, site: str) -> nn.Module:
     return OrthoParResidual(cfg, fixed=True)

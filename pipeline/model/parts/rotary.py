@@ -2,14 +2,55 @@
 
 Rotate-half convention on the first `dims` channels of each head: pairs (i, i + dims/2).
 Partial RoPE (PR #315, used by #684) rotates 16 of 64 dims and leaves the rest position-free.
+Settings: `model.rope.*` (RopeConfig), read by the parts that rotate (attention `causal`, trunk
+`depth_recurrent`), which also run `rope_problems` when a recipe loads.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from pipeline.config import RopeConfig
+from pipeline.config import ModelConfig, constrained
+from pipeline.model.registry import settings
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    base: float = constrained(10000.0, gt=0)
+    # Rotary dims per head (0 = the whole head). PR #315's partial RoPE uses 16 of 64.
+    dims: int = constrained(0, ge=0)
+    # If > 0 and the sequence is longer than this, the base is NTK-rescaled:
+    # base * (T / train_seq_len) ** (dims / (dims - 2)). PR #684 hard-codes 1024 while
+    # training at 2048, so its rescale is active in training and eval alike.
+    ntk_train_seq_len: int = constrained(0, ge=0)
+
+
+settings(RopeConfig, section="rope")
+
+
+def rope_problems(m: ModelConfig, ok) -> list[tuple[list[str], str]]:
+    """Load-time rules of a rotating part: the rotated dims fit the head, and the NTK rescale's
+    exponent dims / (dims - 2) exists."""
+    d, h, kv = "model.model_dim", "model.num_heads", "model.num_kv_heads"
+    if not ok(d, h, kv, "model.rope") or m.model_dim % m.num_heads or m.num_heads % m.num_kv_heads:
+        return []  # the head layout's own rule (pipeline.recipe) reports that first
+    head_dim = m.model_dim // m.num_heads
+    dims = m.rope.dims or head_dim
+    if m.rope.dims and (dims % 2 or dims > head_dim):
+        return [([d, h, "model.rope.dims"], f"model.rope.dims ({dims}) must be even and at most the head dim "
+                                           f"({head_dim} = model_dim / num_heads).")]
+    if dims % 2:
+        return [([d, h, "model.rope.dims"], f"model: RoPE rotates the whole head unless model.rope.dims says "
+                                           f"otherwise, so the head dim model_dim / num_heads = {head_dim} must be "
+                                           "even; change model_dim or num_heads, or set an even model.rope.dims.")]
+    if m.rope.ntk_train_seq_len and dims < 4:
+        return [(["model.rope.ntk_train_seq_len", "model.rope.dims", d, h],
+                 f"model.rope.ntk_train_seq_len: the NTK rescale raises the base to dims / (dims - 2), which "
+                 f"needs rotary dims >= 4 (got {dims}); set model.rope.ntk_train_seq_len=0 or more dims.")]
+    return []
 
 
 class Rotary(nn.Module):

@@ -16,7 +16,7 @@ The cumsum trick (gamma^t cumsum(gamma^-s u_s)) is avoided: gamma^-T overflows f
 T ~ 540. The loop itself lives in tests/test_true_evolving.py only, as the equivalence reference.
 
 Use: `model.attention: true_evolving` with `model.num_kv_heads == model.num_heads`, options under
-`model.true_evolving` (TrueEvolvingConfig). Plain MHA as published: k~ mixes in the *query*
+`model.true_evolving` (TrueEvolvingConfig, declared here). Plain MHA as published: k~ mixes in the *query*
 memory of its own head, so grouped KV heads would have to be expanded to H heads before the
 attention anyway; GQA is refused rather than silently changed. No RoPE (tau is the position
 signal), no dropout (the trunk has none), `model.rope` and `model.qk_gain_init` are unused.
@@ -24,14 +24,32 @@ signal), no dropout (the trunk has none), `model.rope` and `model.qk_gain_init` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, constrained
 from pipeline.model.base import head_dim
 from pipeline.model.parts.attention import shift_right, zero_init
-from pipeline.model.registry import register
+from pipeline.model.registry import register, settings
+from pipeline.model.roles import set_roles
+
+
+@dataclass(frozen=True)
+class TrueEvolvingConfig:
+    """TrueEvolvingAttention V2 (seed_components.md §1.1), built in its parallel conv form."""
+
+    evolution_rate: float = 0.1  # rho in tau_t = sin(rho (t+1)(l+1) w)
+    memory_decay: float = constrained(0.85, ge=0, lt=1)  # gamma of the memory m_t = sum_s gamma^(t-s) (q_s + tau_s)
+    kernel_taps: int = constrained(128, ge=1)  # the gamma^k kernel is truncated here (0.85^128 ~ 1e-9)
+    qk_layernorm: bool = False  # V1's per-head LayerNorm on the evolved q and k
+    per_head_weights: bool = False  # evolution_weights of shape (H, Dh) instead of (Dh,)
+    weights_init_std: float = constrained(0.02, ge=0)
+
+
+settings(TrueEvolvingConfig, section="true_evolving")
 
 
 def temporal_signal(T: int, layer_idx: int, rate: float, weights: torch.Tensor) -> torch.Tensor:
@@ -87,9 +105,10 @@ class TrueEvolvingAttention(nn.Module):
         # Zero-initialised output projection, as every output projection in this codebase: each
         # block starts as the identity on the residual stream.
         self.proj = zero_init(nn.Linear(D, D, bias=False))
-        # Named to match CONTROL_PATTERN: Adam "scalar" group, kept fp32 at export.
+        # A control tensor: Adam "scalar" group, kept fp32 at export.
         shape = (H, self.hd) if te.per_head_weights else (self.hd,)
         self.evolution_weights = nn.Parameter(torch.randn(shape) * te.weights_init_std)
+        set_roles(self, control=("evolution_weights",))
         # V1's per-head LayerNorm(Dh) on the evolved q and k, with its affine weight and bias.
         self.q_norm = nn.LayerNorm(self.hd) if te.qk_layernorm else None
         self.k_norm = nn.LayerNorm(self.hd) if te.qk_layernorm else None
@@ -109,6 +128,14 @@ class TrueEvolvingAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
-@register("attention", "true_evolving")
+def _mha_problems(m: ModelConfig, ok) -> list[tuple[list[str], str]]:
+    h, kv = "model.num_heads", "model.num_kv_heads"
+    if ok(h, kv) and m.num_kv_heads != m.num_heads:
+        return [([h, kv], f"model.attention true_evolving is multi-head only: set model.num_kv_heads = "
+                          f"model.num_heads ({m.num_heads}), got {m.num_kv_heads}.")]
+    return []
+
+
+@register("attention", "true_evolving", reads=("true_evolving",), check=_mha_problems)
 def true_evolving_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     return TrueEvolvingAttention(cfg, layer_idx)
