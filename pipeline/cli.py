@@ -3,6 +3,7 @@
     pgolf run RECIPE [--data DIR]        train -> EMA -> quantize -> package -> roundtrip -> TTT -> bpb
     pgolf check RECIPE                   params and predicted artifact bytes, no training
     pgolf audit RECIPE                   causality battery on the recipe's model (small size)
+    pgolf bench RECIPE [--steps N]       training / eval speed on synthetic shards (key=value lines)
     pgolf data prepare --text F --out D  challenge-format shards + tokenizer
     pgolf data download --variant sp1024 the challenge's FineWeb export via huggingface_hub
     pgolf data audit DIR                 val documents also in training, published val count, sidecars
@@ -191,6 +192,29 @@ def audit(recipe, seed, overrides):
     click.echo(f"audit {r.name}: PASS")
 
 
+@cli.command()
+@recipe_arg
+@click.option("--steps", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Timed training steps after the warm-up (0: the eval pass only).")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Warm-up steps before the timed ones (compilation happens here), reported apart.")
+@click.option("--eval-tokens", type=click.IntRange(min=0), default=0,
+              help="Synthetic validation tokens for the eval pass (default 64 x eval.seq_len).")
+@click.option("--data-dir", type=OUTPUT_DIR, default=None,
+              help="Keep the synthetic shards here (fineweb_{train,val}_*.bin) instead of a temporary folder.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@seed_opt
+@set_opt
+def bench(recipe, steps, warmup, eval_tokens, data_dir, device, seed, overrides):
+    """Training and eval speed of RECIPE on synthetic shards: key=value lines (pipeline.bench)."""
+    from pipeline import distributed
+    from pipeline.bench import bench as run_bench
+    from pipeline.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides, seed)
+    run_bench(r, distributed.init(device), steps, warmup, eval_tokens, data_dir, echo=click.echo)
+
+
 @cli.group()
 def data():
     """Build, download and audit challenge-format shards."""
@@ -214,9 +238,12 @@ def data():
 @click.option("--challenge", is_flag=True,
               help="jsonl only: the challenge's exact export (fineweb_* shards of 10^8 tokens, first 50,000 "
                    "documents validation, the given --tokenizer).")
+@click.option("--caseops", is_flag=True,
+              help="Tokenize the records' CaseOps lossless case transform (markers U+E001..U+E004) and write the "
+                   "val byte sidecar (*_val_bytes_*.bin) so bpb counts the raw text's bytes.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier prepare's output in --out.")
 def prepare(text_path, jsonl_path, out_dir, tokenizer_spec, tiktoken_pattern, vocab_size, val_docs, challenge,
-            overwrite):
+            caseops, overwrite):
     """Tokenize a text or jsonl file into train/val shards plus tokenizer.model and meta.json."""
     from pipeline.data.prepare import prepare_jsonl, prepare_text
     from pipeline.data.tiktoken_tokenizer import is_tiktoken_spec
@@ -229,18 +256,18 @@ def prepare(text_path, jsonl_path, out_dir, tokenizer_spec, tiktoken_pattern, vo
         if challenge:
             raise UserError("--challenge reproduces the challenge's jsonl export; use it with --jsonl FILE.")
         meta = prepare_text(text_path, out_dir, tokenizer_path=tokenizer, vocab_size=vocab_size,
-                            overwrite=overwrite, tiktoken_pattern=tiktoken_pattern)
+                            overwrite=overwrite, tiktoken_pattern=tiktoken_pattern, caseops=caseops)
     else:
         bar = _doc_progress()
         try:
             meta = prepare_jsonl(jsonl_path, out_dir, tokenizer_path=tokenizer, vocab_size=vocab_size,
                                  val_docs=val_docs, overwrite=overwrite, challenge=challenge,
-                                 tiktoken_pattern=tiktoken_pattern, progress=bar)
+                                 tiktoken_pattern=tiktoken_pattern, progress=bar, caseops=caseops)
         finally:
             if bar is not None:
                 bar.close()
     for k in ("tokenizer_kind", "vocab_size", "lossless", "train_tokens", "val_tokens", "train_shards", "val_shards",
-              "val_raw_bytes"):
+              "val_raw_bytes", *(("text_transform", "val_sidecar_bytes") if caseops else ())):
         click.echo(f"{k}={meta.get(k)}")
     click.echo(f"prepared {out_dir}")
 

@@ -14,7 +14,8 @@ records' self-extracting scripts (pg_mechanics.md §4.2.2, regimes 2 and 3):
 
 At start the script decodes the payload, writes the modules into a temporary folder, puts it on
 sys.path and runs `ENTRY_MODULES[0].main`. It needs torch, numpy, sentencepiece and zstandard,
-plus brotli when that codec was chosen (its header says which).
+plus brotli when that codec was chosen or the recipe packs its model with brotli, and the lrzip
+program for `package.compressor: pergroup` (its header says which).
 
     write_train_gpt(recipe, Path("train_gpt.py"));  generated_code_bytes(recipe) -> int
     build_train_gpt(recipe) -> GeneratedScript(text, codec, source_bytes, minified_bytes)
@@ -43,8 +44,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The runtime is the import closure of the submission entry point and of the model parts the
 # recipe names, found by reading `import` statements (`runtime_modules`). Part modules reach the
-# registry only by name, so a recipe carries the code of its own parts and no other's. A test
-# runs the generated file with all other third-party packages blocked.
+# registry only by name, so a recipe carries the code of its own parts and no other's; the same
+# holds for quantization schemes and packagers, which the codec imports by name
+# (pipeline.export.codec.extension; `export_modules`). A test runs the generated file with all
+# other third-party packages blocked.
 ENTRY_MODULES = ("pipeline.script_entry",)
 _PACKAGES = ("pipeline", "eval")
 
@@ -124,11 +127,37 @@ def _imported_modules(path: Path) -> set[str]:
     return {m for m in found if m.split(".")[0] in _PACKAGES and _module_file(m) is not None}
 
 
+def _compressors(recipe: Recipe) -> set[str]:
+    package = recipe.package
+    return {package.compressor, *package.compare_compressors, *(p.compressor for p in recipe.quant.compare)}
+
+
+def export_modules(recipe: Recipe) -> list[str]:
+    """Modules of the quantization schemes (those defining their functions), of LQER and of the
+    packagers that `recipe` uses beyond the codec's own (zstd, zlib, int/fp schemes)."""
+    from pipeline.export.codec import LQER_MODULE, PACKAGER_MODULE, get_scheme
+
+    q = recipe.quant
+    found: set[str] = set()
+    for rule in [*q.rules, *(r for plan in q.compare for r in plan.rules)]:
+        spec = get_scheme(rule.scheme)
+        if spec is not None:
+            found.update(getattr(f, "__module__", None) for f in (spec.encode, spec.decode, spec.layout,
+                                                                  spec.calibrate, spec.stand_in) if f is not None)
+    if q.lqer is not None:
+        found.add(LQER_MODULE)
+    if _compressors(recipe) - {"zstd", "zlib"}:
+        found.add(PACKAGER_MODULE)
+    found.discard("pipeline.export.codec")  # the built-in schemes: every script carries the codec
+    return sorted(m for m in found if m and m.split(".")[0] in _PACKAGES and _module_file(m) is not None)
+
+
 def runtime_modules(recipe: Recipe) -> list[str]:
     """Repository-relative paths of every module the submission for `recipe` imports."""
     from pipeline.model.registry import part_modules
+    from pipeline.stages.evaluate import ttt_modules
 
-    todo = [*ENTRY_MODULES, *part_modules(recipe.model)]
+    todo = [*ENTRY_MODULES, *part_modules(recipe.model), *ttt_modules(recipe), *export_modules(recipe)]
     seen: set[str] = set()
     while todo:
         module = todo.pop()
@@ -233,7 +262,10 @@ def _payload(recipe: Recipe) -> tuple[bytes, int]:
 def _render(recipe: Recipe, codec: str, payload: bytes) -> str:
     packed = _compress(payload, codec)
     name = re.sub(r"[^\w.+-]", "_", recipe.name, flags=re.ASCII)  # keeps the header a plain docstring
-    fields = {"@NAME@": name, "@CODEC@": codec, "@EXTRA@": " and brotli" if codec == "brotli" else "",
+    packs = _compressors(recipe) - {"zstd", "zlib"}  # the packagers' brotli, pergroup's lrzip program
+    extra = " and brotli" if codec == "brotli" or packs else ""
+    extra += " (and the lrzip program)" if "pergroup" in packs else ""
+    fields = {"@NAME@": name, "@CODEC@": codec, "@EXTRA@": extra,
               "@LEN@": str(len(packed)), "@ENTRY@": ENTRY_MODULES[0], "@PAYLOAD@": b93encode(packed)}
     return re.sub("|".join(fields), lambda m: fields[m.group(0)], _TEMPLATE)
 

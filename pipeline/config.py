@@ -168,6 +168,9 @@ class CoprimeLoaderConfig:
     alpha_start: float = constrained(0.9, ge=0, le=8)
     alpha_end: float = constrained(0.5, ge=0, le=8)
     queue_depth: int = constrained(8, ge=1, le=1024)
+    # Pinned host buffers and a CUDA copy stream that stages the next batch during the current
+    # step (PR #684). auto = on with CUDA; off = a plain synchronous copy; on needs CUDA.
+    copy_stream: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,9 @@ class TrainConfig:
     # length is warmdown_steps x (average step time) before the wall-clock cap (baseline rule).
     warmdown_steps: int = constrained(1200, ge=0)
     warmdown_by: Literal["steps", "time"] = "steps"
+    # Floor of the LR multiplier, so the warm-down ends at min_lr_mul x base lr instead of 0 (MIN_LR
+    # 0.1 from PR #1787, the records from 04-23 on; pg_mechanics.md §4.7.1). 0 = down to 0.
+    min_lr_mul: float = constrained(0.0, ge=0, le=1)
     # Compile-priming steps run before the clock; model, optimizer and loader are then reset.
     prime_steps: int = constrained(0, ge=0)
     grad_clip: float = constrained(0.0, ge=0)  # global-norm clip (0 = off)
@@ -203,6 +209,25 @@ class TrainConfig:
     val_every: int = constrained(0, ge=0)
     checkpoint_every: int = constrained(200, ge=0)  # 0 = only at the end
     compile: Literal["auto", "on", "off"] = "auto"  # auto = on with CUDA only
+    # ---- fast paths (pipeline/stages/train.py; tests/test_fast_path.py). "auto" = the CUDA fast path
+    # on CUDA and the plain path on the CPU, so CPU numbers stay bitwise those of the plain path.
+    # bf16 autocast of the forward/backward passes (the records' mixed precision).
+    autocast: Literal["auto", "bf16", "off"] = "auto"
+    # The scaled-dot-product-attention kernel: auto = PyTorch's choice; flash (CUDA needs bf16, which
+    # takes grouped KV heads; on the CPU it is the CPU flash kernel), efficient, cudnn (CUDA only) or
+    # math. A named kernel that cannot run the call is an error, never a silent fallback.
+    attention_kernel: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    # Steps between host reads of the loss, gradient norm and parameter health flags (on CUDA the
+    # only host syncs of the loop, besides logging, validation and checkpoints). 0 = auto: every
+    # step on the CPU (a sync costs nothing there), every log_every steps on CUDA. A non-finite
+    # value is still named at the step it happened; training stops at the next read.
+    host_sync_every: int = constrained(0, ge=0)
+    # CPU only: run each step's forward/backward passes on this many threads of this process,
+    # each single-threaded inside (no OpenMP barriers between tiny kernels), gradients summed in a
+    # fixed order (deterministic; equal to one thread up to float rounding). Needs >= 2 passes per
+    # step (gradient accumulation or train.micro_batch_seqs) and holds that many passes'
+    # activations at once. 1 = off.
+    cpu_workers: int = constrained(1, ge=1, le=256)
 
 
 @dataclass(frozen=True)
@@ -240,6 +265,11 @@ class OptimConfig:
     muon_momentum_warmup_steps: int = constrained(500, ge=0)
     muon_ns_steps: int = constrained(5, ge=1, le=100)
     muon_wd: float = constrained(0.0, ge=0)  # decoupled: p <- p * (1 - lr * wd)
+    # Newton–Schulz coefficients: Keller Jordan's one tuple, or the Polar Express per-iteration
+    # tuples (PR #1344, the records from 04-23; muon_ns_steps <= 5); muon_row_normalize divides each
+    # row of the update by its norm first (MuonEq-R, PR #1260). pipeline/optim/muon_variants.py.
+    muon_ns_coeffs: Literal["jordan", "polar_express"] = "jordan"
+    muon_row_normalize: bool = False
     # Adam(W) for embeddings, the untied head and scalars/control tensors.
     embed_lr: float = constrained(0.05, ge=0)  # tied embedding (and other embedding tables)
     head_lr: float = constrained(0.008, ge=0)  # untied output head
@@ -248,7 +278,12 @@ class OptimConfig:
     adam_beta2: float = constrained(0.95, ge=0, lt=1)
     adam_eps: float = constrained(1e-8, ge=0)
     adam_wd: float = constrained(0.0, ge=0)  # > 0 makes it AdamW (decoupled)
+    # Decoupled decay of the embedding tables alone (None: adam_wd). The records from PR #1218 on
+    # decay the tied embedding at 0.085 and the scalars at adam_wd 0.02 (pg_mechanics.md §4.7.2).
+    embed_wd: Optional[float] = constrained(None, ge=0)
     grad_conditioning: GradConditioningConfig = field(default_factory=GradConditioningConfig)
+    # torch.compile Muon's Newton-Schulz iteration (as the baseline does). auto = on with CUDA.
+    muon_compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -270,8 +305,13 @@ class QuantRule:
     pattern: str = constrained(".*", regex=True)  # regular expression searched in the tensor name
     max_numel: int = constrained(0, ge=0)  # rule applies only to tensors with at most this many elements (0 = any)
     min_numel: int = constrained(0, ge=0)  # ... and at least this many
-    # Per-row clip at this percentile of |w| (int8/int6 only); None = row max.
+    # Per-row clip at this percentile of |w| (integer schemes only); None = row max.
     clip_percentile: Optional[float] = constrained(None, gt=0, le=100)
+    # SD-clip (PR #1394, pg_mechanics.md §4.1.4): per-row clip at k standard deviations of the row,
+    # scale = k * std(row) / qmax (integer schemes only; exclusive with clip_percentile). A larger k
+    # keeps the outliers and spends more bytes; the 1.0611 record used 11.5 (MLP), 13 (attention),
+    # 14 (int7 embedding).
+    clip_sigmas: Optional[float] = constrained(None, gt=0)
     # Lower bound of the per-row scale (int8/int6 only). None = fp16's smallest normal. The
     # baseline and PR #684 floor at 1/127 (int8) and 1/31 (int6): rows with max|w| < 1 then
     # get a coarse fixed step, which shapes both their bytes and their error.
@@ -295,26 +335,53 @@ def _default_quant_rules() -> tuple[QuantRule, ...]:
     )
 
 
+Compressor = Literal["zstd", "zlib", "brotli", "brotli_shuffle", "pergroup"]
+_LEVEL_WHY = "zstd's levels; zlib uses min(level, 9), brotli min(level, 11), lrzip min(level, 9)"
+
+
 @dataclass(frozen=True)
 class ComparePlan:
     """Another export plan whose artifact size is reported beside the main one (not scored)."""
 
     name: str = constrained(min_len=1)
     rules: tuple[QuantRule, ...] = constrained(min_len=1)
-    compressor: Literal["zstd", "zlib"] = "zstd"
-    level: int = constrained(22, ge=1, le=22, why="zstd's levels; zlib uses min(level, 9)")
+    compressor: Compressor = "zstd"
+    level: int = constrained(22, ge=1, le=22, why=_LEVEL_WHY)
+
+
+@dataclass(frozen=True)
+class LqerConfig:
+    """LQER (PR #1797 -> the 1.0611 record, pg_mechanics.md §4.1.6): after quantization, the top_k
+    integer-coded matrices by quantization error ||W - W_hat||_F get a rank-`rank` correction A.B of
+    that error (A int2 with one scale, B int4 with one scale per 64 elements: the record's asymmetric
+    packing), stored beside their codes and added back when the artifact is read (export/lqer.py)."""
+
+    rank: int = constrained(4, ge=1, le=64)
+    top_k: int = constrained(3, ge=1)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     rules: tuple[QuantRule, ...] = constrained(factory=_default_quant_rules, min_len=1)
     compare: tuple[ComparePlan, ...] = ()
+    # Training micro-batches each process feeds a calibrating scheme's hook (GPTQ's Hessians) at the
+    # end of training, inside the training budget; the records' GPTQ_CALIBRATION_BATCHES (16 from
+    # 04-14 on, 64 before; pg_mechanics.md §4.1.4). Unused when no rule names a calibrating scheme.
+    calibration_batches: int = constrained(16, ge=1)
+    lqer: Optional[LqerConfig] = None  # low-rank error repair of the worst tensors (absent = off)
 
 
 @dataclass(frozen=True)
 class PackageConfig:
-    compressor: Literal["zstd", "zlib"] = "zstd"
-    level: int = constrained(22, ge=1, le=22, why="zstd's levels; zlib uses min(level, 9)")
+    # zstd (one standard frame; the default), zlib, brotli (quality min(level, 11)), brotli_shuffle
+    # (the records' stride-2 byte shuffle, then brotli), pergroup (the 1.0611 record's per-tensor-group
+    # lrzip, which needs the `lrzip` program, brotli for the rest); pipeline/export/packagers.py.
+    compressor: Compressor = "zstd"
+    level: int = constrained(22, ge=1, le=22, why=_LEVEL_WHY)
+    # Other compressors whose blob size (and compression seconds) on the same quantized model the
+    # export stage reports beside the real one, unscored; pergroup is reported unavailable where
+    # lrzip is not installed.
+    compare_compressors: tuple[Compressor, ...] = constrained((), unique=True)
     cap_bytes: int = constrained(16_000_000, ge=1)  # decimal, code + model
     # Compression of the generated train_gpt.py's code (pipeline.codegen): "auto" ships the smaller
     # of brotli and LZMA (brotli must then be installed where the script runs, as it was for the
@@ -344,9 +411,12 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TTTConfig:
     enabled: bool = False
-    # score_first: legal (PR #549). pre_score_full_val: PR #684's train-then-score, illegal,
-    # kept only to reproduce its number (ttt_compliant=false, submit refuses it).
-    mode: Literal["score_first", "pre_score_full_val"] = "score_first"
+    # score_first: legal (PR #549). phased_lora: legal, per-document LoRA TTT with phased global
+    # SGD on the scored documents (eval/ttt_lora.py, pg_mechanics.md §4.5.3-4.5.4); the fields
+    # below up to freeze_blocks then configure its phases' SGD (chunk_tokens: targets per step).
+    # pre_score_full_val: PR #684's train-then-score, illegal, kept only to reproduce its number
+    # (ttt_compliant=false, submit refuses it).
+    mode: Literal["score_first", "phased_lora", "pre_score_full_val"] = "score_first"
     chunk_tokens: int = constrained(32_768, ge=1)  # >= eval.seq_len
     epochs: int = constrained(3, ge=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -364,6 +434,28 @@ class TTTConfig:
     # steps). The records' per-GPU batch times their 8 GPUs when each step is bigger than a rank's share.
     batch_seqs: int = constrained(32, ge=1)
     freeze_blocks: int = constrained(0, ge=0)  # freeze the first N blocks (PR #461)
+    # phased_lora only. Defaults: R/2026-04-14_MultiPhaseGlobalSGD_PhasedTTT (its TTT_* settings).
+    lora_rank: int = constrained(96, ge=1, le=4096)
+    # Adapter output scale alpha / rank (PR #1767 uses 144); None: alpha = rank, scale 1 (04-14).
+    lora_alpha: Optional[float] = constrained(None, gt=0)
+    lora_lr: float = constrained(1e-4, ge=0)
+    lora_beta1: float = constrained(0.0, ge=0, lt=1)  # AdamW
+    lora_beta2: float = constrained(0.999, ge=0, lt=1)
+    lora_eps: float = constrained(1e-10, gt=0)
+    lora_weight_decay: float = constrained(0.5, ge=0)
+    # Targets scored per chunk, each chunk inside a window of <= eval.seq_len tokens of its document.
+    lora_chunk_tokens: int = constrained(48, ge=1)
+    lora_steps: int = constrained(1, ge=1)  # optimizer steps per scored chunk (TTT_GRAD_STEPS)
+    # Documents one process scores at once: memory and speed only (each has its own adapter).
+    lora_batch_docs: int = constrained(64, ge=1)
+    # Modules adapted (full match of the module name): Q, K, V, the attention output and the MLP of
+    # every block, the records' set (eval/lora_adapters.py).
+    lora_targets: str = constrained(r"blocks\.\d+\.(attn|attn\.c_q|attn\.c_k|attn\.c_v|mlp)", regex=True)
+    lora_head: bool = True  # an adapter on the LM head (needs the model's hidden(ids))
+    # After the first phase_prefix_docs * (p + 1) // phases documents are scored (p < phases), SGD on
+    # all of them (PHASED_TTT_PREFIX_DOCS, PHASED_TTT_NUM_PHASES); 0 documents: LoRA TTT only.
+    phase_prefix_docs: int = constrained(2000, ge=0)
+    phases: int = constrained(3, ge=1, le=64)
 
 
 # --------------------------------------------------------------------------------------
@@ -389,17 +481,19 @@ class Recipe:
 
 def to_dict(obj) -> dict:
     """A JSON-ready dict of any config dataclass (tuples become lists). A field marked
-    `flatten` (ModelConfig.settings) is written beside its siblings, as the recipe writes it."""
+    `flatten` (ModelConfig.settings) is written beside its siblings, as the recipe writes it,
+    less the settings declared `omit_default` that hold their default (registry.settings)."""
 
     def conv(v):
         if dataclasses.is_dataclass(v):
             out = {}
             for f in dataclasses.fields(v):
-                value = conv(getattr(v, f.name))
                 if f.metadata.get("flatten"):
-                    out.update(value)
+                    from pipeline.model.registry import identity_settings
+
+                    out.update(conv(identity_settings(getattr(v, f.name))))
                 else:
-                    out[f.name] = value
+                    out[f.name] = conv(getattr(v, f.name))
             return out
         if isinstance(v, Mapping):
             return {k: conv(x) for k, x in v.items()}

@@ -43,7 +43,8 @@ total = parameters + gradients + optimizer_state + ema + prime_snapshot + ddp_bu
 
 How activations are counted. Rather than a hand formula per part (which would drift the moment a
 part changes, and would miss parts such as the sidecar, TrueEvolving or the depth-recurrent
-trunk), the estimate runs `model.training_loss(x, y)` and `.backward()` for one pass under
+trunk), the estimate runs `model.training_loss(x, y, step)` at the run's last step (a trunk that grows
+during training, such as looped layers, is largest there) and `.backward()` for one pass under
 PyTorch's FakeTensorMode, where every operator computes only shapes and dtypes, and a dispatch
 mode below autograd adds up the bytes of every storage the pass allocates and subtracts them when
 the storage is freed: a simulated allocator whose high-water mark is the pass's peak. It
@@ -218,6 +219,7 @@ def estimate_memory(recipe: Recipe, world_size: int = 1, device_type: str = "cpu
 
     with torch.device("meta"):
         model = build_model(recipe.model)
+    model.plan_training(t.max_steps)
     parameters = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
     trainable = [p for p in model.parameters() if p.requires_grad]
     gradients = sum(_nbytes(p) for p in trainable)
@@ -233,7 +235,9 @@ def estimate_memory(recipe: Recipe, world_size: int = 1, device_type: str = "cpu
     prime_snapshot = parameters + ema if t.prime_steps > 0 else 0
     ddp_buckets = gradients if world_size > 1 else 0
     loader = _loader_bytes(recipe, plan, device_type)
-    activations = _activation_peak(model, plan.chunk_seqs, t.seq_len, device_type, to_dict(recipe.model))
+    # The last step's pass: a trunk that grows during training (looped layers) is largest there.
+    activations = _activation_peak(model, plan.chunk_seqs, t.seq_len, device_type, to_dict(recipe.model),
+                                   step=t.max_steps - 1)
     return MemoryEstimate(device_type=device_type, world_size=world_size, accum=plan.accum,
                           local_seqs=plan.local_seqs, chunk_seqs=plan.chunk_seqs, seq_len=t.seq_len,
                           parameters=parameters, gradients=gradients, optimizer_state=optimizer_state, ema=ema,
@@ -354,7 +358,7 @@ class _CudaFp32Policy(TorchFunctionMode):
 
 
 def _activation_peak(meta_model: torch.nn.Module, seqs: int, seq_len: int, device_type: str,
-                     model_cfg: Optional[dict] = None) -> int:
+                     model_cfg: Optional[dict] = None, step: int = 0) -> int:
     """Peak bytes one forward + backward pass of `seqs` sequences allocates (see the docstring).
 
     Tracing a full-size model costs seconds (one fake dispatch per op), so with `model_cfg` the
@@ -362,24 +366,24 @@ def _activation_peak(meta_model: torch.nn.Module, seqs: int, seq_len: int, devic
     model config, the pass shape, the device type, torch's version and the model code."""
     key = None
     if model_cfg is not None:
-        key = _trace_key(model_cfg, seqs, seq_len, device_type)
+        key = _trace_key(model_cfg, seqs, seq_len, device_type, step)
         hit = _TRACE_CACHE.get(key)
         if hit is not None:
             return hit
-    peak = _trace_activation_peak(meta_model, seqs, seq_len, device_type)
+    peak = _trace_activation_peak(meta_model, seqs, seq_len, device_type, step)
     if key is not None:
         _TRACE_CACHE.put(key, peak)
     return peak
 
 
-def _trace_key(model_cfg: dict, seqs: int, seq_len: int, device_type: str) -> str:
+def _trace_key(model_cfg: dict, seqs: int, seq_len: int, device_type: str, step: int = 0) -> str:
     import hashlib
     import json
 
     code = hashlib.sha256()
     for path in sorted((Path(__file__).parent / "model").rglob("*.py")) + [Path(__file__)]:
         code.update(path.read_bytes())
-    doc = {"model": model_cfg, "seqs": seqs, "seq_len": seq_len, "device": device_type,
+    doc = {"model": model_cfg, "seqs": seqs, "seq_len": seq_len, "device": device_type, "step": step,
            "torch": torch.__version__, "code": code.hexdigest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -421,7 +425,8 @@ class _TraceCache:
 _TRACE_CACHE = _TraceCache()
 
 
-def _trace_activation_peak(meta_model: torch.nn.Module, seqs: int, seq_len: int, device_type: str) -> int:
+def _trace_activation_peak(meta_model: torch.nn.Module, seqs: int, seq_len: int, device_type: str,
+                           step: int = 0) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -444,7 +449,7 @@ def _trace_activation_peak(meta_model: torch.nn.Module, seqs: int, seq_len: int,
         with tracker:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=device_type == "cuda"), \
                     (_CudaFp32Policy() if device_type == "cuda" else contextlib.nullcontext()):
-                loss = model.training_loss(ids, targets, 0)[0]
+                loss = model.training_loss(ids, targets, step)[0]
             loss.backward()
     return tracker.peak
 

@@ -706,6 +706,12 @@ def _cross_field_problems(r: C.Recipe, bad: set[str]) -> list[_Problem]:
         for paths, text in cross_field_problems(m, ok):
             add(paths, text)
 
+    # Muon's Polar Express tuples are tuned for five iterations (pipeline/optim/muon_variants.py).
+    if r.optim.muon_ns_coeffs == "polar_express" and ok("optim.muon_ns_steps") and r.optim.muon_ns_steps > 5:
+        add(["optim.muon_ns_steps", "optim.muon_ns_coeffs"],
+            f"optim.muon_ns_steps ({r.optim.muon_ns_steps}): Polar Express has 5 tuned iterations; set 1 to 5, or "
+            "optim.muon_ns_coeffs: jordan.")
+
     # Evaluation windows (eval/windows.py) and the validation cap (pipeline/stages/evaluate.py).
     if ok("eval.stride", "eval.seq_len") and e.stride > e.seq_len:
         add(["eval.stride", "eval.seq_len"], f"eval.stride ({e.stride}) must be at most eval.seq_len ({e.seq_len}); "
@@ -721,10 +727,15 @@ def _cross_field_problems(r: C.Recipe, bad: set[str]) -> list[_Problem]:
             add(["ttt.chunk_tokens", "eval.seq_len"],
                 f"ttt.chunk_tokens ({ttt.chunk_tokens}) must be at least eval.seq_len ({e.seq_len}): TTT trains on "
                 "whole sequences cut from each chunk.")
+        if ttt.mode == "phased_lora" and ok("ttt.lora_chunk_tokens", "eval.seq_len") \
+                and ttt.lora_chunk_tokens > e.seq_len:
+            add(["ttt.lora_chunk_tokens", "eval.seq_len"],
+                f"ttt.lora_chunk_tokens ({ttt.lora_chunk_tokens}) must be at most eval.seq_len ({e.seq_len}): each "
+                "chunk is scored inside one window of its document.")
         if ttt.mode == "score_first" and e.mode == "pr298_all_positions":
             add(["ttt.mode", "eval.mode"], "eval.mode pr298_all_positions scores tokens many times, and score-first "
                                            "TTT needs each scored once; use eval.mode sliding or nonoverlap.")
-        blocks = {"unet_gpt": ("model.num_layers", m.num_layers),
+        blocks = {"unet_gpt": ("model.num_layers", m.num_layers), "looped_gpt": ("model.num_layers", m.num_layers),
                   "depth_recurrent": ("model.recurrent.unique_layers", m.recurrent.unique_layers)}.get(m.trunk)
         if blocks and ok("ttt.freeze_blocks", blocks[0]) and ttt.freeze_blocks > blocks[1]:
             add(["ttt.freeze_blocks", blocks[0]], f"ttt.freeze_blocks ({ttt.freeze_blocks}) is more than the model's "
@@ -739,10 +750,13 @@ def _cross_field_problems(r: C.Recipe, bad: set[str]) -> list[_Problem]:
         for i, rule in enumerate(rules):
             here = f"{where}.{i}"
             scheme = SCHEMES.get(rule.scheme)
-            if rule.clip_percentile is not None and scheme is not None and not scheme.takes_clip:
-                clipping = "/".join(n for n, sc in SCHEMES.items() if sc.takes_clip)
-                add([f"{here}.clip_percentile"], f"{here}: clip_percentile applies to {clipping} only, not "
-                                                 f"{rule.scheme}; remove it.")
+            for key in ("clip_percentile", "clip_sigmas"):
+                if getattr(rule, key) is not None and scheme is not None and not scheme.takes_clip:
+                    clipping = "/".join(n for n, sc in SCHEMES.items() if sc.takes_clip)
+                    add([f"{here}.{key}"], f"{here}: {key} applies to {clipping} only, not {rule.scheme}; remove it.")
+            if rule.clip_percentile is not None and rule.clip_sigmas is not None:
+                add([f"{here}.clip_percentile", f"{here}.clip_sigmas"],
+                    f"{here}: clip_percentile and clip_sigmas both set a row's clip; keep one.")
             if rule.max_numel and ok(here) and rule.min_numel > rule.max_numel:
                 add([f"{here}.min_numel", f"{here}.max_numel"],
                     f"{here}: min_numel ({rule.min_numel}) > max_numel ({rule.max_numel}), so it never applies.")

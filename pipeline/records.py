@@ -49,7 +49,7 @@ FIGURES = ("val_bpb", "val_loss", "bytes_total", "train_time_s", "eval_time_s")
 def legality_problems(recipe: Recipe) -> list[str]:
     """Why this recipe could not be a legal entry, from its settings alone (checked before compute)."""
     problems = []
-    if recipe.ttt.enabled and recipe.ttt.mode != "score_first":
+    if recipe.ttt.enabled and recipe.ttt.mode == "pre_score_full_val":
         problems.append(f"ttt.mode={recipe.ttt.mode} trains on validation tokens before scoring them; "
                         f"use ttt.mode=score_first")
     if recipe.model.leaky_selective_state:
@@ -225,7 +225,10 @@ def summarize(recipe: Recipe, logs: list[SeedLog], track: str, hardware: str, co
         "train_steps_mean": sum(x["steps"] for x in f.values()) / len(f),
         "val_bpb_method": f"{recipe.eval.mode} seq_len={recipe.eval.seq_len} stride={recipe.eval.stride}"
                           + (f" + score-first TTT ({recipe.ttt.optimizer}, {recipe.ttt.epochs} epoch(s) per chunk)"
-                             if recipe.ttt.enabled else ""),
+                             if recipe.ttt.enabled and recipe.ttt.mode == "score_first" else "")
+                          + (f" + phased per-document LoRA TTT (rank {recipe.ttt.lora_rank}, {recipe.ttt.phases} "
+                             f"phase(s) over {recipe.ttt.phase_prefix_docs} documents)"
+                             if recipe.ttt.enabled and recipe.ttt.mode == "phased_lora" else ""),
         "validation": {"sha256": next(iter(f.values()))["val_sha256"],
                        "tokens": next(iter(f.values()))["val_token_count"],
                        "byte_source": next(iter(f.values())).get("byte_source")},

@@ -42,6 +42,7 @@ EXTRA = {
                   "model.rope.ntk_train_seq_len=16", "train.coprime.queue_depth=2"),
     "true_evolving": ("model.num_layers=2", "model.num_kv_heads=2"),
     "depth_recurrent": ("model.recurrent.k_rank=8", "model.recurrent.td_rank=4", "model.recurrent.gru_rank=4"),
+    "frontier": ("model.num_layers=2", "model.loop.start=0", "model.loop.end=0", "model.parallel.start_layer=1"),
 }
 # Every recipe that defines a model (the others extend one and change only export or optimizer).
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml")
@@ -63,9 +64,10 @@ def real_pass_peak(recipe, seqs: int) -> int:
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     ids = torch.randint(0, recipe.model.vocab_size, (seqs, recipe.train.seq_len))
+    model.plan_training(recipe.train.max_steps)  # the estimate traces the last step (looped layers on)
     tracker = pf._LiveBytes()
     with tracker:
-        loss = model.training_loss(ids, ids, 0)[0]
+        loss = model.training_loss(ids, ids, recipe.train.max_steps - 1)[0]
         loss.backward()
     return tracker.peak
 

@@ -40,7 +40,7 @@ def test_runtime_module_imports_only_allowed_packages():
         elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
     # pipeline only for the optional UserError base (guarded by try/except ImportError)
-    assert roots <= {"__future__", "json", "math", "struct", "typing", "zlib", "numpy", "torch",
+    assert roots <= {"__future__", "importlib", "json", "math", "struct", "typing", "zlib", "numpy", "torch",
                      "zstandard", "pipeline"}, roots
 
 

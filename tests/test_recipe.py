@@ -28,7 +28,7 @@ def test_every_shipped_recipe_validates(name):
 def test_all_errors_reported_at_once_with_paths_and_did_you_mean():
     with pytest.raises(UserError) as e:
         load_recipe("baseline", ["model.num_layer=3", "train.warmdown_by=stepz", "optim.matrix_lr=fast",
-                                 "ema.enabled=1", "model.attention=casual", "quant.rules=[{scheme: int7}]"])
+                                 "ema.enabled=1", "model.attention=casual", "quant.rules=[{scheme: int9}]"])
     msg = str(e.value)
     assert "6 problem(s)" in msg
     assert "model.num_layer: unknown key. Did you mean 'model.num_layers'?" in msg
@@ -36,7 +36,7 @@ def test_all_errors_reported_at_once_with_paths_and_did_you_mean():
     assert "optim.matrix_lr:" in msg and "'fast'" in msg
     assert "ema.enabled: Input should be a valid boolean (got 1)" in msg  # strict: 1 is not a bool
     assert "model.attention: unknown attention 'casual'. Did you mean 'causal'?" in msg
-    assert "quant.rules.0.scheme: 'int7'" in msg
+    assert "quant.rules.0.scheme: 'int9'" in msg
 
 
 def test_strict_types_reject_strings_for_numbers():
@@ -115,6 +115,8 @@ def test_unknown_mix_normalizer_names_its_field():
 PARAMS = {"tiny": 723_216, "baseline": 17_059_912, "sidecar48": 26_823_765, "depth_recurrent": 12_836_767,
           "depth_recurrent_int8_zlib": 12_836_767, "elita": 734_744, "grad_conditioning": 723_216,
           "orthopar": 725_264, "shiftmax_mix": 723_216, "true_evolving": 788_864,
+          # the 1.0611 record's logged model_params (pg_mechanics.md §6)
+          "frontier": 35_945_671,
           # the card counts 32,814,768; a plain 6 x 256 untied model is 30.47M (seed_components.md §1.1)
           "true_evolving_card": 30_458_816}
 

@@ -30,6 +30,10 @@ SIDECAR48 = COMMON + ("model.num_layers=5", "model.model_dim=32", "model.num_hea
                       "ttt.epochs=1")
 DEPTH_RECURRENT = COMMON + ("model.model_dim=32", "model.num_heads=4", "model.num_kv_heads=2",
                             "model.recurrent.k_rank=8", "model.recurrent.td_rank=4", "model.recurrent.gru_rank=4")
+# 3 layers: the plain order 0 | 1 2 and, from step 3 on, 0 1 | 1 1 2 (layer 1 looped x3); layer 2 two-lane.
+FRONTIER = COMMON + ("model.num_layers=3", "model.model_dim=32", "model.num_heads=4", "model.num_kv_heads=2",
+                     "model.rope.dims=4", "model.loop.start=1", "model.loop.end=1", "model.loop.enable_at=0.5",
+                     "model.parallel.start_layer=2", "ttt.chunk_tokens=256", "ttt.epochs=1")
 
 
 def _run(name, sets, small_data, tmp_path):
@@ -104,3 +108,21 @@ def test_depth_recurrent_pr298_eval_mode_and_int8_zlib_export(small_data, tmp_pa
     assert report["val_tokens"] > 1024  # every position of every overlapping window counts
     assert set(report["bytes_model_compare"]) == {"int6_zstd22"}
     assert any("Serialized model" in line and "zlib" in line for line in lines)
+
+
+def test_frontier_every_part_end_to_end(small_data, tmp_path):
+    # Looped layers, two-lane parallel decoder, gated skips, the BOS-masked SmearGate, XSA, the sparse
+    # attention gate, LeakyReLU^2, Polar Express MuonEq-R Muon, the embedding decay, the LR floor,
+    # EMA 0.9965, int6 export, score-first TTT.
+    recipe, report, lines = _run("frontier", FRONTIER, small_data, tmp_path)
+    m, o = recipe.model, recipe.optim
+    assert (m.trunk, m.attention, m.mlp, m.parallel.mode, m.input_smear.mask_bos) == \
+        ("looped_gpt", "xsa", "leaky_relu2", "two_lane", True)
+    assert (o.muon_ns_coeffs, o.muon_row_normalize, o.embed_wd, recipe.ema.decay) == ("polar_express", True, 0.085,
+                                                                                      0.9965)
+    assert report["steps"] == 6 and report["ttt_compliant"] is True and report["causal"] is True
+    assert report["val_bpb"] == report["val_bpb_ttt"] and 0 < report["val_bpb"] < 20
+    (manifest,) = list((tmp_path / "frontier").glob("*/seed1337/export/manifest.json"))
+    plan = {row["name"]: row["scheme"] for row in json.loads(manifest.read_text())["outputs"]["plan"]}
+    assert {plan[k] for k in ("lane_post", "skip_gates", "smear.gate.weight", "blocks.2.attn.attn_gate")} == {"fp32"}
+    assert any(line.startswith("ttt_exact mode=score_first") for line in lines)

@@ -18,7 +18,7 @@ Use:
 
 Layers: `mix_schedule` and `WindowPlanner` are pure and deterministic (which windows form
 batch k); `read_windows` does the memory-mapped I/O; `CoprimeShardLoader` adds the prefetch
-thread and, on CUDA, the copy-stream staging.
+thread and, on CUDA, the pinned-memory copy-stream staging (`train.coprime.copy_stream`).
 """
 
 from __future__ import annotations
@@ -246,7 +246,12 @@ class CoprimeShardLoader:
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
         self.local_seqs = global_batch_seqs // world_size
         self.device = torch.device(device)
-        self._cuda = self.device.type == "cuda"
+        # Pinned buffers + copy stream (cfg.copy_stream): auto = on with CUDA. "on" elsewhere is a
+        # user error rather than a silent plain copy; "off" on CUDA copies synchronously.
+        if cfg.copy_stream == "on" and self.device.type != "cuda":
+            raise UserError(f"train.coprime.copy_stream=on needs a CUDA device (this run trains on "
+                            f"{self.device.type}); use auto or off.")
+        self._cuda = self.device.type == "cuda" and cfg.copy_stream != "off"
         self._depth = max(1, cfg.queue_depth)
         seed = order_seed([os.path.basename(p) for p in paths], n_tokens)
         self.planner = WindowPlanner(n_tokens, seq_len, global_batch_seqs, world_size, seed, cfg)

@@ -23,6 +23,13 @@ exactly is refused here, before any shard is written. The output directory holds
 `_ENCODE_CHUNK_CHARS` is encoded in parts only when that gives the whole text's tokens
 (`tokenizer.chunk_safe`).
 
+CaseOps (`caseops=True`, `--caseops`; pipeline.data.caseops, pg_mechanics.md §2.7): every document
+is tokenized as its lossless case transform (the tokenizer is trained on transformed training text
+with the four markers as user-defined pieces, or a given one must keep them as single pieces), and
+each val shard gets a byte sidecar `{prefix}_val_bytes_NNNNNN.bin` of the same length: each
+token's raw UTF-8 bytes (markers and BOS 0), which `load_data` then counts instead of the tables.
+meta.json adds `text_transform` and `val_sidecar_bytes`; `val_raw_bytes` stays the raw text's.
+
 Atomicity: everything is built in a hidden sibling directory and renamed into place, so an
 interrupted prepare leaves the old output (or nothing) behind; only a crash in the instant
 between the two renames of a replacement leaves the old output in a hidden `.NAME.old-*`
@@ -52,8 +59,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from eval.byte_tables import ByteTables
+from pipeline.data import caseops as caseops_mod
 from pipeline.data import shards
-from pipeline.data.prepare_output import build_into, make_meta, read_meta, write_split
+from pipeline.data.prepare_output import ShardBuffer, build_into, make_meta, read_meta, write_split
 from pipeline.data.shards import list_shards, read_header
 from pipeline.data.tiktoken_tokenizer import is_tiktoken_spec
 from pipeline.data.tokenizer import (
@@ -122,12 +130,16 @@ def _encode(sp, text: str, chunkable: bool) -> np.ndarray:
 
 
 def _install_tokenizer(stage: Path, tokenizer_path, vocab_size, train_docs: Callable[[], Iterator[str]],
-                       tiktoken_pattern: Optional[str] = None):
+                       tiktoken_pattern: Optional[str] = None, caseops: bool = False):
     """Put tokenizer.model into `stage`; return (tokenizer, meta fields). `tokenizer_path` is a
     SentencePiece .model, a tiktoken spec (`tiktoken:NAME` or FILE.tiktoken, with
-    `tiktoken_pattern` for a file), or None to train pgolf's lossless BPE on `train_docs()`."""
+    `tiktoken_pattern` for a file), or None to train pgolf's lossless BPE on `train_docs()`.
+    With `caseops` the markers must be (or are trained as) single pieces (pipeline.data.caseops)."""
     dest = stage / TOKENIZER_FILE
     if tokenizer_path is not None and is_tiktoken_spec(tokenizer_path):
+        if caseops:
+            raise UserError("--caseops needs a SentencePiece tokenizer (its markers are user-defined pieces); pass a "
+                            ".model or leave out --tokenizer to train one.")
         return _install_tiktoken(dest, tokenizer_path, vocab_size, tiktoken_pattern)
     if tiktoken_pattern is not None:
         raise UserError("--tiktoken-pattern goes with a tiktoken tokenizer (--tokenizer FILE.tiktoken); drop it or "
@@ -140,9 +152,12 @@ def _install_tokenizer(stage: Path, tokenizer_path, vocab_size, train_docs: Call
         shutil.copyfile(tokenizer_path, dest)
         trained = False
     else:
-        train_tokenizer_docs(train_docs(), vocab_size or DEFAULT_VOCAB, dest)
+        train_tokenizer_docs(train_docs(), vocab_size or DEFAULT_VOCAB, dest,
+                             user_defined_symbols=caseops_mod.MARKERS if caseops else ())
         sp = load_tokenizer(dest)
         trained = True
+    if caseops:
+        caseops_mod.check_tokenizer(sp, tokenizer_path or dest)
     if sp.bos_id() != BOS_ID:
         raise UserError(
             f"tokenizer {tokenizer_path or dest} has bos id {sp.bos_id()}, but the shard format "
@@ -193,10 +208,13 @@ def _capped(texts: Iterator[str], cap: int) -> Iterator[str]:
 
 
 def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefix="data", overwrite=False, *,
-                 tiktoken_pattern: Optional[str] = None, shard_size: Optional[int] = None) -> dict:
+                 tiktoken_pattern: Optional[str] = None, shard_size: Optional[int] = None,
+                 caseops: bool = False) -> dict:
     """Prepare one UTF-8 text file (90/10 byte split). `vocab_size` None means 1024 when a
     tokenizer is trained, and "whatever it has" when `tokenizer_path` is given (a .model or a
-    tiktoken spec, see `_install_tokenizer`). Returns the meta.json dict; raises UserError."""
+    tiktoken spec, see `_install_tokenizer`). `caseops`: tokenize the CaseOps transform of each
+    split and write the val byte sidecar (`_caseops_sidecar`). Returns the meta.json dict; raises
+    UserError."""
     text_path = _require_file(text_path, "--text")
     data = text_path.read_bytes()
     try:
@@ -211,16 +229,24 @@ def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefi
     if not train_text or not val_text:
         raise UserError(f"{text_path} is too small to split 90/10 ({len(data)} bytes); use a larger text.")
     source_sha = hashlib.sha256(data).hexdigest()
+    if caseops:  # the raw byte counts (cut, len(data)) stay those of the text itself
+        train_text, val_text = caseops_mod.encode(train_text), caseops_mod.encode(val_text)
 
     def build(stage: Path) -> dict:
         sp, tok = _install_tokenizer(
             stage, tokenizer_path, vocab_size, lambda: _capped(iter([train_text]), TOKENIZER_MAX_TRAIN_BYTES),
-            tiktoken_pattern)
+            tiktoken_pattern, caseops)
         # tiktoken encodes a long text in linear time and memory itself; only SentencePiece is chunked
         chunkable = tok["tokenizer_kind"] == "sentencepiece" and chunk_safe(sp)
         val = _encode(sp, val_text, chunkable)
         written = {"val": write_split(stage, prefix, "val", [val], shard_size or shards.SHARD_SIZE)}
-        roundtrip = sp.decode(val[1:].tolist()) == val_text
+        extra = {}
+        if caseops:
+            side, roundtrip = _caseops_sidecar(caseops_mod.PieceBytes(sp), val[1:], val_text)
+            write_split(stage, prefix, "val_bytes", [side], shard_size or shards.SHARD_SIZE)
+            extra = {"text_transform": caseops_mod.NAME, "val_sidecar_bytes": int(side.sum())}
+        else:
+            roundtrip = sp.decode(val[1:].tolist()) == val_text
         del val
         written["train"] = write_split(stage, prefix, "train", [_encode(sp, train_text, chunkable)],
                                         shard_size or shards.SHARD_SIZE)
@@ -228,7 +254,7 @@ def prepare_text(text_path, out_dir, tokenizer_path=None, vocab_size=None, prefi
                      "first int(0.9*n) bytes train (cut moved forward to a UTF-8 character boundary), the rest "
                      "val; each split is one document [BOS]+tokens", prefix, tok, written,
                      {"train": cut, "val": len(data) - cut}, roundtrip, {"train": 1, "val": 1},
-                     source_bytes=len(data), split_byte=cut)
+                     source_bytes=len(data), split_byte=cut, **extra)
 
     return build_into(Path(out_dir), text_path, source_sha, build, overwrite)
 
@@ -283,7 +309,8 @@ def _docs_sidecar(jsonl_path: Path) -> Optional[dict]:
 
 def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val_docs=None, prefix="data",
                   overwrite=False, *, challenge: bool = False, tiktoken_pattern: Optional[str] = None,
-                  shard_size: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> dict:
+                  shard_size: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None,
+                  caseops: bool = False) -> dict:
     """Prepare a jsonl of {"text": ...} documents; the first `val_docs` documents are val
     (default 10%), each document `[BOS] + tokens`, streamed: memory holds one shard buffer.
 
@@ -291,7 +318,9 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
     `fineweb_{val,train}_NNNNNN.bin` of `shard_size` (10^8) tokens, `val_docs` defaulting to
     the `docs_val` of a `<stem>.source_manifest.json` beside the file, else 50,000, and the given
     tokenizer (required). `progress(done_docs, total_docs)` is called as documents are written.
-    Returns the meta.json dict; raises UserError for bad input."""
+    `caseops`: each document is tokenized as its CaseOps transform, and the val split gets its
+    byte sidecar `{prefix}_val_bytes_NNNNNN.bin` beside each val shard (prepare_caseops_data.py's
+    layout). Returns the meta.json dict; raises UserError for bad input."""
     jsonl_path = _require_file(jsonl_path, "--jsonl")
     shard_size = shard_size or shards.SHARD_SIZE
     n_docs = sum(1 for _ in iter_jsonl(jsonl_path))  # also validates every line up front
@@ -324,17 +353,27 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
                 return
 
     def build(stage: Path) -> dict:
+        transform = caseops_mod.encode if caseops else None
         sp, tok = _install_tokenizer(
-            stage, tokenizer_path, vocab_size, lambda: _capped(docs("train"), TOKENIZER_MAX_TRAIN_BYTES),
-            tiktoken_pattern)
-        stats = {"val_raw_bytes": 0, "train_raw_bytes": 0, "roundtrip": True, "done": 0}
+            stage, tokenizer_path, vocab_size,
+            lambda: _capped(map(transform, docs("train")) if caseops else docs("train"), TOKENIZER_MAX_TRAIN_BYTES),
+            tiktoken_pattern, caseops)
+        stats = {"val_raw_bytes": 0, "train_raw_bytes": 0, "roundtrip": True, "done": 0, "sidecar_bytes": 0}
+        pieces = caseops_mod.PieceBytes(sp) if caseops else None
+        side_buf = ShardBuffer(stage, prefix, "val_bytes", shard_size) if caseops else None
 
         def encoded(split: str) -> Iterator[np.ndarray]:
             for batch in _batched(docs(split), _ENCODE_BATCH_DOCS):
-                ids = sp.encode(batch)
-                for text, doc_ids in zip(batch, ids):
+                texts = [transform(t) for t in batch] if caseops else batch
+                ids = sp.encode(texts)
+                for text, ttext, doc_ids in zip(batch, texts, ids):
                     stats[f"{split}_raw_bytes"] += len(text.encode("utf-8"))
-                    if split == "val" and stats["roundtrip"]:
+                    if split == "val" and caseops:
+                        counts, exact = _caseops_sidecar(pieces, doc_ids, ttext)
+                        side_buf.add(counts)  # parallel to the val shards: the same sizes, the same cuts
+                        stats["sidecar_bytes"] += int(counts.sum())
+                        stats["roundtrip"] = stats["roundtrip"] and exact
+                    elif split == "val" and stats["roundtrip"]:
                         stats["roundtrip"] = sp.decode(doc_ids) == text
                     doc = np.empty(len(doc_ids) + 1, dtype=np.int32)
                     doc[0] = BOS_ID
@@ -345,10 +384,15 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
                     progress(stats["done"], n_docs)
 
         written = {split: write_split(stage, prefix, split, encoded(split), shard_size) for split in ("val", "train")}
+        extra = {"shard_size": shard_size, "challenge_export": challenge}
+        if caseops:
+            side_buf.close()
+            if side_buf.n_tokens != written["val"][0]:
+                raise RuntimeError("the byte sidecar and the val shards differ in length")  # a bug, not input
+            extra.update(text_transform=caseops_mod.NAME, val_sidecar_bytes=stats["sidecar_bytes"])
         rule = (f"the challenge's export (data/download_hf_docs_and_tokenize.py): first {n_val} documents val, the "
                 f"remaining {n_docs - n_val} train, each [BOS]+tokens, {shard_size}-token shards" if challenge else
                 f"first {n_val} documents val, the remaining {n_docs - n_val} train; each document is [BOS]+tokens")
-        extra = {"shard_size": shard_size, "challenge_export": challenge}
         if side is not None:
             extra["docs_source_manifest"] = {k: side.get(k) for k in ("num_docs", "docs_val", "shuffle_seed",
                                                                       "docs_sha256")}
@@ -359,6 +403,15 @@ def prepare_jsonl(jsonl_path, out_dir, tokenizer_path=None, vocab_size=None, val
     return build_into(Path(out_dir), jsonl_path, source_sha, build, overwrite)
 
 
+def _caseops_sidecar(pieces, ids, transformed: str) -> tuple[np.ndarray, bool]:
+    """The byte sidecar of one document whose tokens (after its BOS) are `ids` = sp.encode(transformed):
+    [0 for the BOS] + raw bytes per token (pg_mechanics.md §2.7), and whether the tokens decode to
+    exactly `transformed` (then the counts sum to the raw text's UTF-8 length: the transform is a
+    bijection)."""
+    counts, exact = pieces.raw_bytes(ids, transformed)
+    return np.concatenate([np.zeros(1, dtype=np.uint16), counts]), exact
+
+
 # --- skip when up to date ---------------------------------------------------------------------
 
 
@@ -366,6 +419,8 @@ def _up_to_date(meta: Optional[dict], out_dir: Path, source: Path, tokenizer_pat
                 prefix) -> bool:
     if not meta or meta.get("source_sha256") != file_sha256(source) or meta.get("prefix") != prefix:
         return False
+    if meta.get("text_transform", caseops_mod.IDENTITY) != caseops_mod.IDENTITY:
+        return False  # ensure_prepared never transforms
     if tokenizer_path is None:
         if not meta.get("tokenizer_trained") or meta.get("vocab_size") != (vocab_size or DEFAULT_VOCAB):
             return False

@@ -76,8 +76,10 @@ def _training_sentences(docs: Iterable[str]) -> Iterator[str]:
             yield "".join(chunk)
 
 
-def train_tokenizer_docs(docs: Iterable[str], vocab_size: int, out_path: Path) -> Path:
-    """Train the lossless BPE model on an iterable of documents; write `out_path` atomically."""
+def train_tokenizer_docs(docs: Iterable[str], vocab_size: int, out_path: Path,
+                         user_defined_symbols: tuple[str, ...] = ()) -> Path:
+    """Train the lossless BPE model on an iterable of documents; write `out_path` atomically.
+    `user_defined_symbols` are always single pieces (CaseOps' markers, pipeline.data.caseops)."""
     out_path = Path(out_path)
     if not 260 < vocab_size <= 65536:
         raise UserError(
@@ -107,6 +109,7 @@ def train_tokenizer_docs(docs: Iterable[str], vocab_size: int, out_path: Path) -
             input_sentence_size=0,  # use every sentence: no random sampling
             shuffle_input_sentence=False,
             num_threads=1,  # single-threaded training is bit-for-bit deterministic
+            user_defined_symbols=list(user_defined_symbols),
             minloglevel=2,
         )
     except RuntimeError as e:

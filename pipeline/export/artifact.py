@@ -32,7 +32,7 @@ import torch
 
 from pipeline.config import PackageConfig
 from pipeline.errors import SizeCapError, UserError
-from pipeline.export.codec import SCHEMES, ArtifactError, build_metadata, compress, decode_artifact, encode_container
+from pipeline.export.codec import ArtifactError, build_metadata, compress, decode_artifact, encode_container, get_scheme
 from pipeline.export.plan import QuantizedModel
 from pipeline.fileio import atomic_write
 from pipeline.model.roles import report_group
@@ -52,16 +52,26 @@ def serialize(qmodel: QuantizedModel, meta: Mapping) -> bytes:
     return encode_container(qmodel.tensors, build_metadata(qmodel.manifest, dict(meta)))
 
 
+def effective_level(compressor: str, level: int) -> int:
+    """The level a compressor actually runs at: zlib and lrzip top out at 9, brotli at 11."""
+    return min(level, {"zlib": 9, "pergroup": 9, "brotli": 11, "brotli_shuffle": 11}.get(compressor, level))
+
+
 def _label(qmodel: QuantizedModel, cfg: PackageConfig) -> str:
     # e.g. "int6_int8+zstd-22", in the spirit of the records' "int6+zstd-22" log labels
-    schemes = sorted({m["scheme"] for m in qmodel.manifest.values() if SCHEMES[m["scheme"]].int_range})
-    level = min(cfg.level, 9) if cfg.compressor == "zlib" else cfg.level
-    return f"{'_'.join(schemes) or 'fp16'}+{cfg.compressor}-{level}"
+    schemes = sorted({m["scheme"] for m in qmodel.manifest.values() if get_scheme(m["scheme"]).int_range})
+    return f"{'_'.join(schemes) or 'fp16'}+{cfg.compressor}-{effective_level(cfg.compressor, cfg.level)}"
+
+
+def group_codec(compressor: str) -> str:
+    """The codec of the per-group estimate: the blob's own, but brotli for pergroup, whose lrzip
+    groups are whole tensor kinds across layers rather than these report groups (and slow)."""
+    return "brotli" if compressor == "pergroup" else compressor
 
 
 def group_breakdown(qmodel: QuantizedModel, cfg: PackageConfig) -> dict[str, dict]:
     """Per group: tensor count, raw payload bytes, and the group's bytes compressed on their
-    own (an estimate: the real blob compresses all groups in one frame)."""
+    own with `group_codec` (an estimate: the real blob compresses all groups in one frame)."""
     out = {}
     role = {e["name"]: e.get("role") for e in qmodel.plan}
     for g in GROUPS:
@@ -69,7 +79,7 @@ def group_breakdown(qmodel: QuantizedModel, cfg: PackageConfig) -> dict[str, dic
         payload = b"".join(qmodel.tensors[k].contiguous().view(-1).view(torch.uint8)
                            .numpy().tobytes() for n in names for k in qmodel.entries_of(n))
         out[g] = {"tensors": len(names), "raw_bytes": len(payload),
-                  "compressed_bytes": len(compress(payload, cfg.compressor, cfg.level))
+                  "compressed_bytes": len(compress(payload, group_codec(cfg.compressor), cfg.level))
                   if payload else 0}
     return out
 

@@ -1,6 +1,7 @@
 """Calibration: the data a quantization scheme may ask for, gathered inside the training budget.
 
     schemes = calibrating_schemes(recipe)          # schemes of any plan that declare `calibrate`
+    key = calibration_key(recipe)                  # what of it the train stage's cache key holds
     result, seconds = calibrate(recipe, model, shard_paths, dist_info, log)   # train stage
     save_calibration(result, path); load_calibration(path)                    # train -> export
 
@@ -12,9 +13,11 @@ collect their Hessians inside it. Here:
 
 - the train stage calls `calibrate` right after the last step, on the weights it exports (the EMA
   when enabled), once per calibrating scheme named by `quant.rules` or a `quant.compare` plan;
-- `batches` is an endless iterator of (inputs, targets) training micro-batches [B, seq_len]
-  (int64, on the model's device), read afresh from the start of this rank's training shards;
-  the hook takes as many as it needs;
+- `batches` is an iterator of `quant.calibration_batches` (inputs, targets) training micro-batches
+  [B, seq_len] (int64, on the model's device), read afresh from the start of this rank's training
+  shards; the hook takes as many of them as it needs;
+- schemes that share one hook (gptq5 ... gptq8 all gather the same Hessians) run it once, and
+  each of them gets the same result;
 - the seconds it takes are added to the stage's `train_time_s` (the figure `submit` holds to
   600 s) and logged as `calibration_time_s`; a recipe with such a scheme leaves room for it with
   `train.max_wallclock_s`, as the records did;
@@ -29,18 +32,26 @@ Runtime-pure: the submission script runs the same train and export stages.
 from __future__ import annotations
 
 import time
+import itertools
 from typing import Callable, Iterator
 
 import torch
 
 from pipeline.config import Recipe
-from pipeline.export.codec import SCHEMES
+from pipeline.export.codec import get_scheme
 
 
 def calibrating_schemes(recipe: Recipe) -> list[str]:
     """Names of the schemes, in any of the recipe's plans, that declare a calibrate hook."""
     rules = [*recipe.quant.rules, *(r for plan in recipe.quant.compare for r in plan.rules)]
-    return sorted({r.scheme for r in rules if r.scheme in SCHEMES and SCHEMES[r.scheme].calibrate is not None})
+    return sorted({r.scheme for r in rules if get_scheme(r.scheme) is not None
+                   and get_scheme(r.scheme).calibrate is not None})
+
+
+def calibration_key(recipe: Recipe) -> dict:
+    """What the train stage's cache key must hold of the calibration ({} when nothing calibrates)."""
+    names = calibrating_schemes(recipe)
+    return {"calibrating_schemes": names, "calibration_batches": recipe.quant.calibration_batches} if names else {}
 
 
 def training_batches(recipe: Recipe, shard_paths, rank: int, world_size: int,
@@ -67,13 +78,18 @@ def calibrate(recipe: Recipe, model: torch.nn.Module, shard_paths, dist_info,
     if dist_info.device.type == "cuda":
         torch.cuda.synchronize(dist_info.device)
     t0 = time.perf_counter()
-    result = {}
+    result, by_hook = {}, {}
     for name in names:
-        batches = training_batches(recipe, shard_paths, dist_info.rank, dist_info.world_size, dist_info.device)
-        out = SCHEMES[name].calibrate(model, batches)
-        if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
-            raise TypeError(f"quant scheme {name!r}: calibrate must return {{tensor name: tensor}}, got {type(out)}")
-        result[name] = {k: v.detach().cpu() for k, v in out.items()}
+        hook = get_scheme(name).calibrate
+        if hook not in by_hook:
+            batches = itertools.islice(training_batches(recipe, shard_paths, dist_info.rank, dist_info.world_size,
+                                                        dist_info.device), recipe.quant.calibration_batches)
+            out = hook(model, batches)
+            if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
+                raise TypeError(f"quant scheme {name!r}: calibrate must return {{tensor name: tensor}}, "
+                                f"got {type(out)}")
+            by_hook[hook] = {k: v.detach().cpu() for k, v in out.items()}
+        result[name] = by_hook[hook]
     if dist_info.device.type == "cuda":
         torch.cuda.synchronize(dist_info.device)
     seconds = time.perf_counter() - t0

@@ -1,9 +1,15 @@
 """Runtime-pure quantization math and artifact reader for the "pgolf-quant" format, v1.
 
-What is here: the registry of quantization schemes (`SCHEMES`; built in: int6 / int8 per row,
-fp16 / fp32 casts, exact "raw" pass-through for non-float tensors), the two codecs (zstd, zlib),
-and a hand-written parser of the artifact container, ending in `decode_artifact`, which turns a
-blob back into a state_dict.
+What is here: the registry of quantization schemes (`SCHEMES`; built in: int5 / int6 / int7 /
+int8 per row, fp16 / fp32 casts, exact "raw" pass-through for non-float tensors), the two codecs
+(zstd, zlib), and a hand-written parser of the artifact container, ending in `decode_artifact`,
+which turns a blob back into a state_dict.
+
+Schemes and compressors that only some recipes use live in their own modules, which this one
+imports by name when a rule, a plan or a blob needs them (`extension`, `get_scheme`): GPTQ
+(gptq5..gptq8, pipeline/export/gptq.py), LQER (derived "<scheme>+lqer<r>" names, lqer.py, resolved
+through `RESOLVERS`), and the brotli, brotli_shuffle and pergroup packagers (packagers.py). The
+generated script carries only those its recipe uses (pipeline.codegen.export_modules).
 
 A scheme is one `Scheme` in one place: `encode` (tensor -> container entries), `decode` (entries
 -> tensor), `layout` (the entries' keys, storage dtypes and shapes from the tensor's shape alone:
@@ -13,8 +19,10 @@ end of training and inside the training time budget (the train stage runs and ti
 counts it in train_time_s: the records' GPTQ reserve, pg_mechanics.md §4.1.4), the trained model
 and a stream of training batches; what it returns ({tensor name: tensor}) reaches its `encode`
 as `calibration` for that tensor when the export stage quantizes (pipeline.export.calibration).
-Register one with `register_scheme(Scheme(...))` in a module the runtime imports; recipes
-name it in `quant.rules` and the recipe loader checks the name against this registry.
+Register one with `register_scheme(Scheme(...))` in a module the runtime imports (or one named in
+EXTENSION_MODULES); recipes name it in `quant.rules` and the recipe loader checks the name against
+this registry. A calibrating scheme also gives `stand_in(shape)`, the calibration the size
+predictor hands its encoder in place of real statistics.
 
 Why it stands alone: the submission's self-contained `train_gpt.py` must read and
 dequantize the artifact with only the standard library, torch, numpy and zstandard, so this
@@ -22,20 +30,24 @@ module imports nothing else. (Its one optional import, `pipeline.errors`, only m
 reader's errors `UserError`s inside the package; bundled, they are plain `ValueError`s.)
 Loading never executes code: no pickle anywhere, only JSON and raw little-endian bytes.
 
-The blob is one standard zstd frame (with content size and checksum) or a zlib stream,
-wrapping a safetensors-compatible container: an 8-byte little-endian header length, a JSON
+The blob is one standard zstd frame (with content size and checksum) or a zlib stream (or,
+from packagers.py, a brotli stream or a per-group pack), wrapping a safetensors-compatible
+container: an 8-byte little-endian header length, a JSON
 header `{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {str: str}}`, then the
 raw tensor bytes, written and parsed here by hand (the safetensors library reads the same bytes,
 tested). Entries are `<name>.q` (int8 codes) plus
-`<name>.scale` (fp16 per row; one fp32 scalar for 1-D tensors) for int6/int8, and `<name>`
-for fp16/fp32/raw. `__metadata__["pgolf_quant"]` is a JSON string:
+`<name>.scale` (fp16 per row; one fp32 scalar for 1-D tensors) for the integer schemes (GPTQ's
+too), and `<name>` for fp16/fp32/raw. `__metadata__["pgolf_quant"]` is a JSON string:
 `{"format": "pgolf-quant", "version": 1, "tensors": {name: {"scheme", "dtype", "shape",
-"clip_percentile"}}, "meta": {...the recipe/model identity the packager was given...}}`.
+"clip_percentile"[, "clip_sigmas"]}}, "meta": {...the recipe/model identity the packager was
+given...}}` ("clip_sigmas" only where a rule set it).
 
 Scheme math (PR #684's export, seed_prs.md §3.2; PR #298 / baseline int8, §2.3):
   int6: per row, scale = max|w_row| / 31 stored fp16, q = clamp(round(w / scale), -32, 31).
   int8: per row, clip c = quantile(|w_row|, p) (row max when p is None), scale = c / 127
         stored fp16, q = clamp(round(clamp(w, -c, c) / scale), -127, 127).
+  int5 / int7: as int8 with qmax 15 / 63 (symmetric, the records' 2**(bits-1) - 1, §4.1.1).
+  SD-clip (`clip_sigmas` k, PR #1394, §4.1.4), any integer scheme: c = k * std(w_row).
   N-D tensors are viewed as [shape[0], -1]; 1-D and 0-D tensors get one fp32 scale.
 
 Usage, submission side:
@@ -45,6 +57,7 @@ Usage, submission side:
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import struct
@@ -101,7 +114,7 @@ def dtype_from_name(name: str) -> torch.dtype:
 def container_keys(name: str, scheme: str) -> list[str]:
     """The container entries one state_dict tensor becomes under `scheme` (the keys of its layout,
     which never depend on the shape)."""
-    return [e.key for e in SCHEMES[scheme].layout(name, (1, 1), torch.float32)]
+    return [e.key for e in get_scheme(scheme).layout(name, (1, 1), torch.float32)]
 
 
 def row_quantile(a: torch.Tensor, q: float, chunk_elems: int = 1 << 22) -> torch.Tensor:
@@ -122,19 +135,21 @@ def row_quantile(a: torch.Tensor, q: float, chunk_elems: int = 1 << 22) -> torch
     return torch.cat(out) if out else a.new_zeros(0)
 
 
-def _quantize_int(t: torch.Tensor, scheme: str, clip_percentile: float | None,
-                  scale_floor: float | None = None, name: str = "tensor"):
-    qmin, qmax = SCHEMES[scheme].int_range
-    w = t.detach().float()
-    per_row = w.ndim >= 2
-    w2 = w.reshape(w.shape[0], -1) if per_row else w.reshape(1, -1)
-    a = w2.abs()
+def row_clip(w2: torch.Tensor, clip_percentile: float | None, clip_sigmas: float | None) -> torch.Tensor:
+    """Per-row clip of a [rows, cols] tensor: the row max, its `clip_percentile` percentile of |w|,
+    or SD-clip's `clip_sigmas` standard deviations of the row (PR #1394, pg_mechanics.md §4.1.4)."""
     if w2.shape[1] == 0:
-        clip = w2.new_zeros(w2.shape[0])
-    elif clip_percentile is None:
-        clip = a.amax(dim=1)
-    else:
-        clip = row_quantile(a, clip_percentile / 100.0)
+        return w2.new_zeros(w2.shape[0])
+    if clip_sigmas is not None:
+        # the records' torch.std (Bessel-corrected); a one-column row has no spread to correct
+        return float(clip_sigmas) * w2.std(dim=1, correction=1 if w2.shape[1] > 1 else 0)
+    a = w2.abs()
+    return a.amax(dim=1) if clip_percentile is None else row_quantile(a, clip_percentile / 100.0)
+
+
+def scales_from_clip(clip: torch.Tensor, qmax: int, per_row: bool, scale_floor: float | None, scheme: str,
+                     name: str) -> torch.Tensor:
+    """Storage scales clip / qmax: fp16 per row, or one fp32 scalar (1-D and 0-D tensors)."""
     # By default scales are floored at the smallest *normal* value of their storage dtype:
     # zero rows survive (q = 0), and a floored fp16 scale keeps full relative precision, so
     # the |error| <= scale/2 bound holds for every row. The records floor at 1/qmax instead
@@ -149,6 +164,17 @@ def _quantize_int(t: torch.Tensor, scheme: str, clip_percentile: float | None,
             f"tensor {name!r}: a row's {scheme} scale ({worst:.4g} / {qmax}) overflows {dtype_name(scale_dtype)} "
             f"(max {torch.finfo(scale_dtype).max:.6g}); the weights are far too large (training diverged: lower the "
             f"learning rates) or store this tensor as fp32 with a quant rule")
+    return scale
+
+
+def _quantize_int(t: torch.Tensor, scheme: str, clip_percentile: float | None,
+                  scale_floor: float | None = None, name: str = "tensor", clip_sigmas: float | None = None):
+    qmin, qmax = SCHEMES[scheme].int_range
+    w = t.detach().float()
+    per_row = w.ndim >= 2
+    w2 = w.reshape(w.shape[0], -1) if per_row else w.reshape(1, -1)
+    clip = row_clip(w2, clip_percentile, clip_sigmas)
+    scale = scales_from_clip(clip, qmax, per_row, scale_floor, scheme, name)
     # Codes are computed against the *stored* (rounded) scale, so dequantization error is
     # bounded by half of the scale actually used at load time.
     s = scale.float().unsqueeze(1)
@@ -158,25 +184,29 @@ def _quantize_int(t: torch.Tensor, scheme: str, clip_percentile: float | None,
 
 
 def quantize_tensor(t: torch.Tensor, scheme: str, clip_percentile: float | None = None,
-                    name: str = "tensor", scale_floor: float | None = None, calibration=None
-                    ) -> dict[str, torch.Tensor]:
+                    name: str = "tensor", scale_floor: float | None = None, calibration=None,
+                    clip_sigmas: float | None = None) -> dict[str, torch.Tensor]:
     """Encode one tensor; returns {container key: tensor} (fresh, contiguous storage).
-    `scale_floor` (int6/int8 only): lower bound of the scale, see _quantize_int. `calibration`:
-    what the scheme's `calibrate` hook returned for this tensor (None without one)."""
-    if scheme not in SCHEMES:
+    `scale_floor`, `clip_sigmas` (integer schemes only): lower bound of the scale and SD-clip, see
+    row_clip / scales_from_clip. `calibration`: what the scheme's `calibrate` hook returned for this
+    tensor (None without one)."""
+    spec = get_scheme(scheme)
+    if spec is None:
         raise ValueError(f"unknown quant scheme {scheme!r} for {name}; expected one of {tuple(SCHEMES)}")
-    return SCHEMES[scheme].encode(t, name=name, clip_percentile=clip_percentile, scale_floor=scale_floor,
-                                  calibration=calibration)
+    # SD-clip is passed only when set, so an encoder written before it existed still works
+    extra = {} if clip_sigmas is None else {"clip_sigmas": clip_sigmas}
+    return spec.encode(t, name=name, clip_percentile=clip_percentile, scale_floor=scale_floor,
+                       calibration=calibration, **extra)
 
 
 def dequantize_tensor(entries: dict[str, torch.Tensor], name: str, scheme: str,
                       dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     """Decode one tensor from its container entries back to its original dtype and shape."""
     shape = [int(d) for d in shape]
-    if scheme not in SCHEMES:
+    spec = get_scheme(scheme)
+    if spec is None:
         raise ArtifactError(f"artifact tensor {name!r} has unknown scheme {scheme!r}; "
                             "it was written by an incompatible pgolf, re-run `pgolf package`")
-    spec = SCHEMES[scheme]
     for e in spec.layout(name, tuple(shape), dtype):
         if e.key not in entries:
             raise ArtifactError(f"artifact is missing entry {e.key!r} for tensor {name!r}; "
@@ -215,9 +245,53 @@ class Scheme(NamedTuple):  # a NamedTuple, not a dataclass: this module also loa
     takes_clip: bool = False  # a rule may set clip_percentile and scale_floor
     selectable: bool = True  # a recipe rule may name it ("raw" is for non-float tensors only)
     calibrate: Optional[Callable] = None
+    # stand_in(shape) -> what `calibrate` would give a tensor of that shape, handed to `encode` where
+    # no calibration was gathered: the size predictor's Gaussian stand-ins, layout checks.
+    stand_in: Optional[Callable] = None
 
 
 SCHEMES: dict[str, Scheme] = {}
+# Scheme families whose names are derived (LQER's "<base>+lqer<r>"): name -> Scheme or None.
+RESOLVERS: list[Callable] = []
+# Schemes and packagers that live in their own modules, imported by name only when a recipe or a blob
+# needs them: the generated script carries just its recipe's (pipeline.codegen), and the import
+# scanner that decides what ships reads import statements, not these strings.
+LQER_MODULE = "pipeline.export.lqer"
+EXTENSION_MODULES = ("pipeline.export.gptq", LQER_MODULE)
+PACKAGER_MODULE = "pipeline.export.packagers"
+
+
+def extension(module: str):
+    """Import one of this package's optional runtime modules; a generated script that does not
+    carry it (its recipe does not use it) raises ArtifactError naming it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise ArtifactError(f"{module} is not part of this script (its recipe does not use it), but this "
+                            "artifact or plan needs it; generate the script from the recipe that made it") from None
+
+
+def _load_extensions() -> None:
+    for module in EXTENSION_MODULES:
+        try:
+            extension(module)
+        except ArtifactError:
+            pass  # not shipped with this script: its recipe names none of its schemes
+
+
+def get_scheme(name: str) -> Optional[Scheme]:
+    """The registered scheme `name` (loading the extension modules and asking the resolvers of
+    derived names first when it is not registered yet), or None."""
+    if name not in SCHEMES:
+        _load_extensions()
+        for resolve in RESOLVERS:
+            scheme = resolve(name)
+            if scheme is not None:
+                register_scheme(scheme)
+                break
+    return SCHEMES.get(name)
 
 
 def register_scheme(scheme: Scheme) -> Scheme:
@@ -228,28 +302,32 @@ def register_scheme(scheme: Scheme) -> Scheme:
 
 
 def selectable_schemes() -> list[str]:
+    _load_extensions()
     return [n for n, s in SCHEMES.items() if s.selectable]
 
 
+def int_decode(entries, name, dtype, shape):
+    """Per-row integer codes times their scale (every integer scheme's decoder)."""
+    q, scale = entries[name + ".q"], entries[name + ".scale"]
+    rows = shape[0] if len(shape) >= 2 else 1
+    w = q.float().reshape(rows, -1) * scale.float().reshape(rows, 1)
+    return w.reshape(shape).to(dtype)
+
+
+def int_layout(name, shape, dtype):
+    # N-D tensors get one fp16 scale per row (dim 0); 1-D and 0-D tensors one fp32 scalar.
+    per_row = len(shape) >= 2
+    return [Entry(name + ".q", torch.int8, list(shape), "int8"),
+            Entry(name + ".scale", torch.float16 if per_row else torch.float32,
+                  [shape[0]] if per_row else [], "scale")]
+
+
 def _int_scheme(scheme_name: str, qmin: int, qmax: int) -> Scheme:
-    def encode(t, *, name, clip_percentile=None, scale_floor=None, calibration=None):
-        q, scale = _quantize_int(t, scheme_name, clip_percentile, scale_floor, name)
+    def encode(t, *, name, clip_percentile=None, scale_floor=None, calibration=None, clip_sigmas=None):
+        q, scale = _quantize_int(t, scheme_name, clip_percentile, scale_floor, name, clip_sigmas)
         return {name + ".q": q, name + ".scale": scale}
 
-    def decode(entries, name, dtype, shape):
-        q, scale = entries[name + ".q"], entries[name + ".scale"]
-        rows = shape[0] if len(shape) >= 2 else 1
-        w = q.float().reshape(rows, -1) * scale.float().reshape(rows, 1)
-        return w.reshape(shape).to(dtype)
-
-    def layout(name, shape, dtype):
-        # N-D tensors get one fp16 scale per row (dim 0); 1-D and 0-D tensors one fp32 scalar.
-        per_row = len(shape) >= 2
-        return [Entry(name + ".q", torch.int8, list(shape), "int8"),
-                Entry(name + ".scale", torch.float16 if per_row else torch.float32,
-                      [shape[0]] if per_row else [], "scale")]
-
-    return Scheme(scheme_name, encode, decode, layout, int_range=(qmin, qmax), takes_clip=True)
+    return Scheme(scheme_name, encode, int_decode, int_layout, int_range=(qmin, qmax), takes_clip=True)
 
 
 def _cast_scheme(scheme_name: str, store: Optional[torch.dtype], selectable: bool = True) -> Scheme:
@@ -283,6 +361,10 @@ register_scheme(_int_scheme("int8", -127, 127))
 register_scheme(_cast_scheme("fp16", torch.float16))
 register_scheme(_cast_scheme("fp32", torch.float32))
 register_scheme(_cast_scheme("raw", None, selectable=False))
+# int5 (PR #1260 line's MLP matrices) and int7 (the 04-14 record's EMBED_BITS=7 embedding) are symmetric,
+# clip_range = 2**(bits-1) - 1 as every record after 03-22 (pg_mechanics.md §4.1.1).
+register_scheme(_int_scheme("int5", -15, 15))
+register_scheme(_int_scheme("int7", -63, 63))
 # Integer code range of the built-in integer schemes (kept for readers of the ranges).
 INT_RANGES = {n: s.int_range for n, s in SCHEMES.items() if s.int_range}
 
@@ -294,18 +376,23 @@ INT_RANGES = {n: s.int_range for n, s in SCHEMES.items() if s.int_range}
 def compress(raw: bytes, compressor: str = "zstd", level: int = 22) -> bytes:
     """One standard zstd frame (content size + checksum, single-threaded so the bytes are
     deterministic), or a zlib stream. zlib tops out at level 9, so a zstd-style level above
-    9 (e.g. the default 22) means 9 — PR #298's and the baseline's zlib-9."""
+    9 (e.g. the default 22) means 9 — PR #298's and the baseline's zlib-9. brotli, brotli_shuffle
+    and pergroup live in pipeline/export/packagers.py (shipped only to recipes that use them)."""
     if compressor == "zstd":
         cctx = zstandard.ZstdCompressor(level=level, write_checksum=True,
                                         write_content_size=True)
         return cctx.compress(raw)
     if compressor == "zlib":
         return zlib.compress(raw, min(int(level), 9))
-    raise ValueError(f"unknown compressor {compressor!r}; expected 'zstd' or 'zlib'")
+    if compressor in ("brotli", "brotli_shuffle", "pergroup"):
+        return extension(PACKAGER_MODULE).compress(raw, compressor, level)
+    raise ValueError(f"unknown compressor {compressor!r}; expected zstd, zlib, brotli, brotli_shuffle or pergroup")
 
 
 def decompress(blob: bytes) -> bytes:
-    """Inverse of `compress`; the codec is recognised from the first bytes of the blob."""
+    """Inverse of `compress`; the codec is recognised from the first bytes of the blob: the zstd
+    magic, a zlib header, the `PGRP` magic of a per-group pack, else a brotli stream (written with
+    a 2**24 window, whose first byte can never pass the zlib header check)."""
     if blob[:4] == ZSTD_MAGIC:
         try:
             return zstandard.ZstdDecompressor().decompress(blob)
@@ -318,9 +405,13 @@ def decompress(blob: bytes) -> bytes:
         except zlib.error as e:
             raise ArtifactError(f"artifact zlib stream is truncated or corrupt ({e}); "
                                 "re-run `pgolf package`") from None
-    raise ArtifactError("artifact is neither a zstd frame nor a zlib stream (bad magic "
-                        f"bytes {bytes(blob[:4]).hex() or 'none: empty file'}); "
-                        "re-run `pgolf package`")
+    what = ("artifact is neither a zstd frame nor a zlib stream (bad magic bytes "
+            f"{bytes(blob[:4]).hex() or 'none: empty file'})")
+    try:
+        packagers = extension(PACKAGER_MODULE)
+    except ArtifactError:  # a zstd/zlib recipe's script carries no other reader
+        raise ArtifactError(f"{what}; re-run `pgolf package`") from None
+    return packagers.decompress(blob, what)
 
 
 # --------------------------------------------------------------------------------------

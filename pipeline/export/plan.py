@@ -29,7 +29,8 @@ import torch
 
 from pipeline.config import QuantConfig, QuantRule
 from pipeline.errors import UserError
-from pipeline.export.codec import SCHEMES, container_keys, dtype_name, quantize_tensor, selectable_schemes
+from pipeline.export.codec import (LQER_MODULE, SCHEMES, container_keys, dtype_name, extension, quantize_tensor,
+                                   selectable_schemes)
 
 
 @dataclass
@@ -87,6 +88,13 @@ def check_quant_rules(rules: tuple[QuantRule, ...]) -> list[re.Pattern]:
         except re.error as e:
             raise UserError(f"quant.rules[{i}] pattern {r.pattern!r} is not a valid regular "
                             f"expression ({e}); fix the pattern") from None
+        if r.clip_sigmas is not None and not SCHEMES[r.scheme].takes_clip:
+            clipping = "/".join(n for n, s in SCHEMES.items() if s.takes_clip)
+            raise UserError(f"quant.rules[{i}] sets clip_sigmas on scheme {r.scheme!r}; clipping only applies "
+                            f"to {clipping}, remove it")
+        if r.clip_sigmas is not None and r.clip_percentile is not None:
+            raise UserError(f"quant.rules[{i}] sets both clip_percentile and clip_sigmas; a row's clip is one or "
+                            "the other, remove one")
         if r.clip_percentile is not None:
             if not SCHEMES[r.scheme].takes_clip:
                 clipping = "/".join(n for n, s in SCHEMES.items() if s.takes_clip)
@@ -102,8 +110,8 @@ def check_quant_rules(rules: tuple[QuantRule, ...]) -> list[re.Pattern]:
 
 
 def resolve_plan(named_shapes: Mapping[str, tuple], rules, roles: Mapping[str, str] | None = None) -> list[dict]:
-    """One dict per tensor, in the given order: {name, scheme, clip_percentile, scale_floor, numel,
-    rule_index, role}. Non-float tensors get scheme "raw" and rule_index None. `roles` ({name:
+    """One dict per tensor, in the given order: {name, scheme, clip_percentile, scale_floor, clip_sigmas,
+    numel, rule_index, role}. Non-float tensors get scheme "raw" and rule_index None. `roles` ({name:
     role}, pipeline.model.roles) is needed when a rule names roles; tensors without a role
     (buffers) match only rules that name none."""
     rules = _rules_of(rules)
@@ -118,7 +126,7 @@ def resolve_plan(named_shapes: Mapping[str, tuple], rules, roles: Mapping[str, s
         role = roles.get(name)
         if not as_dtype(dtype).is_floating_point:
             plan.append({"name": name, "scheme": "raw", "clip_percentile": None, "scale_floor": None,
-                         "numel": numel, "rule_index": None, "role": role})
+                         "clip_sigmas": None, "numel": numel, "rule_index": None, "role": role})
             continue
         for i, (rule, rx) in enumerate(zip(rules, compiled)):
             if not rx.search(name) or (rule.roles and role not in rule.roles):
@@ -128,7 +136,7 @@ def resolve_plan(named_shapes: Mapping[str, tuple], rules, roles: Mapping[str, s
                 continue
             plan.append({"name": name, "scheme": rule.scheme,
                          "clip_percentile": rule.clip_percentile, "scale_floor": rule.scale_floor,
-                         "numel": numel, "rule_index": i, "role": role})
+                         "clip_sigmas": rule.clip_sigmas, "numel": numel, "rule_index": i, "role": role})
             break
         else:
             raise UserError(
@@ -142,7 +150,9 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], rules,
                         calibration: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> QuantizedModel:
     """Quantize every tensor of `state_dict` by its plan entry (resolved here, with `roles`, if not
     given). `calibration`: {scheme: {tensor name: tensor}}, what each scheme's calibrate hook
-    returned (pipeline.export.calibration); a tensor's entry reaches its scheme's encode."""
+    returned (pipeline.export.calibration); a tensor's entry reaches its scheme's encode. When
+    `rules` is a whole QuantConfig with `lqer` set, LQER then repairs its top_k tensors
+    (pipeline/export/lqer.py; their manifest scheme becomes "<scheme>+lqer<rank>")."""
     if plan is None:
         plan = resolve_plan(named_shapes_of(state_dict), rules, roles)
     calibration = calibration or {}
@@ -159,7 +169,8 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], rules,
                             "package the last good checkpoint or lower the learning rate")
         entries = quantize_tensor(t.detach().cpu(), scheme, entry["clip_percentile"], name,
                                   scale_floor=entry.get("scale_floor"),
-                                  calibration=calibration.get(scheme, {}).get(name))
+                                  calibration=calibration.get(scheme, {}).get(name),
+                                  clip_sigmas=entry.get("clip_sigmas"))
         clash = [k for k in entries if k in out.tensors]
         if clash:
             raise UserError(f"container name {clash[0]!r} of tensor {name!r} collides with "
@@ -168,4 +179,9 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], rules,
         out.tensors.update(entries)
         out.manifest[name] = {"scheme": scheme, "dtype": dtype_name(t.dtype),
                               "shape": list(t.shape), "clip_percentile": entry["clip_percentile"]}
+        if entry.get("clip_sigmas") is not None:  # only when set: earlier plans' headers stay byte-identical
+            out.manifest[name]["clip_sigmas"] = entry["clip_sigmas"]
+    lqer = rules.lqer if isinstance(rules, QuantConfig) else None
+    if lqer is not None:
+        extension(LQER_MODULE).apply_lqer(out, state_dict, lqer.rank, lqer.top_k)
     return out

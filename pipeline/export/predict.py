@@ -6,7 +6,10 @@
                                  roles=roles)
 
 Tensor layouts come from each scheme's `layout` (pipeline.export.codec), the same one the
-encoder and the reader use, so a new scheme is predicted without a change here.
+encoder and the reader use, so a new scheme is predicted without a change here; a calibrating
+scheme (GPTQ) encodes its stand-ins with its `stand_in` calibration. Given a whole QuantConfig with
+`lqer`, the top_k largest candidates stand for the tensors LQER will repair (which ones it picks
+depends on the trained weights' errors, which a dry run cannot know).
 
 Used by `pgolf check`; not part of the runtime the submission script bundles.
 """
@@ -19,9 +22,9 @@ from typing import Mapping
 
 import torch
 
-from pipeline.config import PackageConfig
-from pipeline.export.artifact import GROUPS, tensor_group
-from pipeline.export.codec import SCHEMES, ST_TAGS, build_metadata, compress, dtype_name, quantize_tensor
+from pipeline.config import PackageConfig, QuantConfig
+from pipeline.export.artifact import GROUPS, group_codec, tensor_group
+from pipeline.export.codec import SCHEMES, ST_TAGS, build_metadata, compress, dtype_name, get_scheme, quantize_tensor
 from pipeline.export.plan import as_dtype, resolve_plan
 from pipeline.model.roles import CONTROL_ROLES
 
@@ -69,7 +72,7 @@ def predict_bytes(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig,
 
     Returns {group: bytes for each of GROUPS, "header": bytes, "total": bytes}."""
     init_std = dict(init_std or {})
-    plan = resolve_plan(named_shapes, rules, roles)
+    plan = _with_lqer(resolve_plan(named_shapes, rules, roles), rules, named_shapes)
     gen = torch.Generator().manual_seed(int(seed))
     streams: dict[tuple[str, str], list] = {}  # (group, kind) -> [sample bytes list, full]
     fixed = dict.fromkeys(GROUPS, 0)
@@ -80,7 +83,10 @@ def predict_bytes(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig,
         group = tensor_group(name, entry["role"])
         manifest[name] = {"scheme": scheme, "dtype": dtype_name(dtype), "shape": list(shape),
                           "clip_percentile": entry["clip_percentile"]}
-        layout = SCHEMES[scheme].layout(name, shape, dtype)
+        if entry.get("clip_sigmas") is not None:  # as plan.quantize_state_dict writes it
+            manifest[name]["clip_sigmas"] = entry["clip_sigmas"]
+        spec = get_scheme(scheme)
+        layout = spec.layout(name, shape, dtype)
         for key, store, eshape, _stream in layout:
             nbytes = math.prod(eshape) * store.itemsize
             index[key] = {"dtype": ST_TAGS.get(store, "F32"), "shape": eshape,
@@ -92,7 +98,9 @@ def predict_bytes(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig,
         if math.prod(shape) == 0:
             continue
         sample = _synth_sample(entry["role"], shape, dtype, init_std.get(name), gen, sample_rows)
-        parts = quantize_tensor(sample, scheme, entry["clip_percentile"], name, scale_floor=entry.get("scale_floor"))
+        stand_in = spec.stand_in(sample.shape) if spec.stand_in is not None else None
+        parts = quantize_tensor(sample, scheme, entry["clip_percentile"], name, scale_floor=entry.get("scale_floor"),
+                                calibration=stand_in, clip_sigmas=entry.get("clip_sigmas"))
         for key, store, eshape, kind in layout:
             stream = streams.setdefault((group, kind), [[], 0])
             stream[0].append(parts[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -101,13 +109,27 @@ def predict_bytes(named_shapes: Mapping[str, tuple], rules, cfg: PackageConfig,
     for (group, _kind), (chunks, full) in streams.items():
         sample_bytes = b"".join(chunks)
         if sample_bytes:
-            ratio = len(compress(sample_bytes, cfg.compressor, cfg.level)) / len(sample_bytes)
+            ratio = len(compress(sample_bytes, group_codec(cfg.compressor), cfg.level)) / len(sample_bytes)
             out[group] += int(round(ratio * full))
     header = json.dumps({"__metadata__": build_metadata(manifest, dict(meta or {})), **index},
                         separators=(",", ":")).encode()
-    out["header"] = len(compress(header, cfg.compressor, cfg.level)) + 8
+    out["header"] = len(compress(header, group_codec(cfg.compressor), cfg.level)) + 8
     out["total"] = sum(out.values())
     return out
+
+
+def _with_lqer(plan: list[dict], rules, named_shapes: Mapping[str, tuple]) -> list[dict]:
+    """The plan with LQER's stand-in targets renamed to their repaired scheme: the top_k candidates
+    by size (two or more dims, an integer scheme), ties by name."""
+    lqer = rules.lqer if isinstance(rules, QuantConfig) else None
+    if lqer is None:
+        return plan
+    from pipeline.export import lqer as lqer_mod
+
+    manifest = {e["name"]: {"scheme": e["scheme"], "shape": [int(d) for d in named_shapes[e["name"]][0]]}
+                for e in plan}
+    chosen = sorted(lqer_mod.candidates(manifest), key=lambda n: (-math.prod(manifest[n]["shape"]), n))[:lqer.top_k]
+    return [e | {"scheme": lqer_mod.derived_name(e["scheme"], lqer.rank)} if e["name"] in chosen else e for e in plan]
 
 
 def model_figures(model: torch.nn.Module, rules, cfg: PackageConfig) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 - `forward(ids)` returns float32 logits [B, T, V] (soft-capped where the recipe says so).
 - `training_loss(ids, targets, step)` returns the scalar loss that is optimised (mean
-  cross-entropy plus any training-only auxiliary terms) and a dict of float diagnostics.
+  cross-entropy plus any training-only auxiliary terms) and a dict of float diagnostics;
+  `plan_training(max_steps)` is called once before it (a no-op unless the trunk schedules).
 - `param_groups()` routes every parameter, by the role its part declared where it created it
   (pipeline.model.roles), to exactly one optimizer group: "embed" (embedding tables, Adam),
   "head" (untied output head, Adam), "matrix" (2-D block matrices, Muon) or "scalar" (vectors,
@@ -47,6 +48,11 @@ class LanguageModel(nn.Module):
     @property
     def causal(self) -> bool:
         return True
+
+    def plan_training(self, max_steps: int) -> None:
+        """Told once by the trainer (and the memory preflight) before `training_loss`: the number of
+        optimizer steps planned. A trunk whose training forward changes with the step (looped
+        layers switched on at a fraction of training, pipeline/model/looped.py) schedules from it."""
 
     def training_loss(self, ids: torch.Tensor, targets: torch.Tensor, step: int = 0):
         logits = self(ids)

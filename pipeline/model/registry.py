@@ -66,7 +66,7 @@ NO_PART = {"normalizer": "none"}
 
 # Trunk modules, imported to register their trunks. Part modules are every module of
 # pipeline.model.parts (found by listing the package): a shipped script carries only its own.
-_TRUNK_MODULES = ("pipeline.model.gpt", "pipeline.model.recurrent")
+_TRUNK_MODULES = ("pipeline.model.gpt", "pipeline.model.recurrent", "pipeline.model.looped")
 _PARTS_PACKAGE = "pipeline.model.parts"
 
 
@@ -93,6 +93,7 @@ class Setting:
     field: dataclasses.Field  # default, default_factory and constraints, as the schema uses them
     owner: type  # the dataclass that declared it
     section: bool  # True: `key` is the whole dataclass `owner` (model.<key>.*)
+    omit_default: bool = False  # left out of the serialized model section while it holds its default
 
     @property
     def default(self):
@@ -142,11 +143,16 @@ def _core_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(ModelConfig)} - {"settings"}
 
 
-def settings(cls=None, *, section: Optional[str] = None):
+def settings(cls=None, *, section: Optional[str] = None, omit_default: bool = False):
     """Declare a part's settings dataclass: `section="x"` makes it `model.x.*`; without, each of its
-    fields is its own key `model.<field>`. Usable as a call or as a class decorator."""
+    fields is its own key `model.<field>`. Usable as a call or as a class decorator.
+
+    `omit_default=True`: the key is written into the serialized model section (`to_dict`: the blob
+    header, stage cache keys, the shipped recipe) only when it differs from its default. Declaring
+    such a key then leaves every existing recipe's identity, and so its artifacts, byte-identical
+    (tests/test_golden.py pins the tiny recipe's blob); reading it back fills in the default."""
     if cls is None:
-        return lambda c: settings(c, section=section)
+        return lambda c: settings(c, section=section, omit_default=omit_default)
     if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
         raise TypeError(f"settings() takes a dataclass, got {cls!r}")
     if section is not None:
@@ -154,10 +160,10 @@ def settings(cls=None, *, section: Optional[str] = None):
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ValueError(f"section {section!r}: {cls.__name__} needs defaults for {missing}")
-        new = [Setting(section, cls, dataclasses.field(default_factory=cls), cls, True)]
+        new = [Setting(section, cls, dataclasses.field(default_factory=cls), cls, True, omit_default)]
     else:
         hints = typing.get_type_hints(cls)
-        new = [Setting(f.name, hints[f.name], f, cls, False) for f in dataclasses.fields(cls)]
+        new = [Setting(f.name, hints[f.name], f, cls, False, omit_default) for f in dataclasses.fields(cls)]
     core = _core_fields()
     for s in new:
         if s.key in core:
@@ -242,6 +248,14 @@ def part_modules(cfg) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ ModelConfig support
+
+
+def identity_settings(values) -> dict:
+    """`values` (a ModelConfig's settings) without the `omit_default` keys that hold their default:
+    what the serialized model section writes (pipeline.config.to_dict)."""
+    _load_parts()
+    return {k: v for k, v in values.items()
+            if not (k in _SETTINGS and _SETTINGS[k].omit_default and v == _SETTINGS[k].default)}
 
 
 def complete_settings(values) -> dict:

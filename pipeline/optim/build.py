@@ -10,7 +10,9 @@ embedding -> "embed", head -> "head", control / gate / other -> "scalar"; no nam
 "matrix" -> Muon at matrix_lr; "embed", "head" and "scalar" -> one Adam each at embed_lr / head_lr /
 scalar_lr with the recipe's betas and eps (pg_mechanics.md §3.3). adam_wd > 0 switches those to
 AdamW, whose decoupled decay p <- p*(1 - lr*wd) follows the LR schedule like Muon's (PR #684 uses
-0.04, seed_prs.md §3.0).
+0.04, seed_prs.md §3.0); embed_wd, when set, replaces it for the embedding group (the records' 0.085
+beside 0.02 for scalars). Muon's Newton–Schulz variant (Polar Express, MuonEq-R row normalisation)
+comes from optim.muon_ns_coeffs / muon_row_normalize (pipeline/optim/muon_variants.py).
 Each param group records its unscheduled lr in `base_lr` (the schedule multiplies it) and its
 route in `route`. Frozen parameters (requires_grad False) are left out; every trainable
 parameter must land in exactly one optimizer, which is checked here.
@@ -23,6 +25,7 @@ from torch import nn
 
 from pipeline.config import OptimConfig
 from pipeline.optim.muon import Muon
+from pipeline.optim.muon_variants import orthogonaliser
 from pipeline.optim.schedule import muon_momentum
 
 ROUTES = ("embed", "head", "matrix", "scalar")
@@ -54,22 +57,24 @@ def build_optimizers(
             weight_decay=cfg.muon_wd,
             rank=rank,
             world_size=world_size,
+            orthogonalise=orthogonaliser(cfg.muon_ns_coeffs, cfg.muon_row_normalize),
         ))
 
     # torch.optim.Adam's weight_decay is L2 added to the gradient (coupled), not what the records
     # use, so decay always goes through AdamW; weight_decay is passed explicitly in both cases
     # because AdamW's own default is 0.01, not 0.
-    adam_cls = torch.optim.AdamW if cfg.adam_wd > 0 else torch.optim.Adam
     for route, lr in (("embed", cfg.embed_lr), ("head", cfg.head_lr), ("scalar", cfg.scalar_lr)):
         params = trainable(route)
         if not params:
             continue
+        wd = cfg.embed_wd if route == "embed" and cfg.embed_wd is not None else cfg.adam_wd
+        adam_cls = torch.optim.AdamW if wd > 0 else torch.optim.Adam
         # The fused kernel is the records' choice on GPU; elsewhere let torch pick its default.
         fused = True if all(p.is_cuda for p in params) else None
         optimizers.append(adam_cls(
             [{"params": params, "base_lr": lr, "route": route}],
             lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-            weight_decay=cfg.adam_wd, fused=fused,
+            weight_decay=wd, fused=fused,
         ))
 
     check_coverage(model, optimizers)

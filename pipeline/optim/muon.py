@@ -21,11 +21,17 @@ Distributed (torchrun; gradients must already be averaged across ranks, e.g. by 
 its own share into one flat buffer (zeros elsewhere) and a single all-reduce(SUM) hands every rank
 every update, so the replicas stay identical while the Newton–Schulz cost is split. Momentum
 buffers therefore exist only on the owning rank.
+
+Speed: the momentum, Nesterov and weight-update arithmetic of a group runs as multi-tensor
+(`torch._foreach_*`) ops, the same elementwise formulas as one tensor at a time (bitwise equal on
+the CPU, where they loop over the same kernels); one process skips the flat buffer. `compile_ns=True`
+(`optim.muon_compile`, on with CUDA by default) runs Newton–Schulz through `torch.compile`, as the
+baseline and the records do; the first steps then compile it once per matrix shape.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -79,7 +85,8 @@ class Muon(torch.optim.Optimizer):
 
     Group keys: lr, momentum, nesterov, ns_steps, weight_decay (all may be changed between steps;
     `pipeline.optim.schedule.apply_schedule` sets lr and momentum). `ns_dtype` None picks the
-    Newton–Schulz dtype from the parameters' device.
+    Newton–Schulz dtype from the parameters' device. `orthogonalise` replaces `newton_schulz` (same
+    signature; Polar Express and MuonEq-R from pipeline.optim.muon_variants); None keeps it.
     """
 
     def __init__(
@@ -93,6 +100,8 @@ class Muon(torch.optim.Optimizer):
         rank: int = 0,
         world_size: int = 1,
         ns_dtype: Optional[torch.dtype] = None,
+        compile_ns: bool = False,
+        orthogonalise: Optional[Callable] = None,
     ):
         if lr < 0:
             raise ValueError(f"Muon lr must be >= 0, got {lr}")
@@ -115,6 +124,22 @@ class Muon(torch.optim.Optimizer):
         self.rank = rank
         self.world_size = world_size
         self.ns_dtype = ns_dtype
+        # The orthogonaliser, newton_schulz's signature: newton_schulz unless a variant is given
+        # (Polar Express, row normalisation: pipeline.optim.muon_variants.orthogonaliser).
+        self._ns_fn = orthogonalise or newton_schulz
+        self._ns = self._ns_fn
+        if compile_ns:
+            self.compile_newton_schulz()
+
+    def compile_newton_schulz(self) -> None:
+        """Run Newton–Schulz through torch.compile from the next step on (compiled lazily, per shape)."""
+        if not hasattr(torch, "compile"):
+            raise RuntimeError("optim.muon_compile needs torch.compile (PyTorch >= 2.0)")
+        self._ns = torch.compile(self._ns_fn)
+
+    @property
+    def ns_compiled(self) -> bool:
+        return self._ns is not self._ns_fn
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -135,42 +160,58 @@ class Muon(torch.optim.Optimizer):
         if not params:
             return
         dtype = self.ns_dtype or default_ns_dtype(params[0].device)
-        # One flat buffer for the whole group: the same layout on every rank, so one collective
-        # suffices. Ranks write only the slices they own; the sum of zeros elsewhere is exact.
-        sizes = [p.numel() for p in params]
-        flat = torch.zeros(sum(sizes), dtype=dtype, device=params[0].device)
-        offset = 0
-        for i, (p, n) in enumerate(zip(params, sizes)):
-            if i % self.world_size == self.rank and p.grad is not None:
-                flat[offset:offset + n] = self._update(p, group, dtype).reshape(-1)
-            offset += n
-        if distributed:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-
+        mine = [i for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
+        updates = self._updates([params[i] for i in mine], group, dtype)
         lr, wd = group["lr"], group["weight_decay"]
-        offset = 0
-        for p, n in zip(params, sizes):
+        if not distributed:
+            # One process owns every matrix: apply the updates straight away (the flat buffer of
+            # the distributed path would only copy them; the values are the same).
+            stepped = [params[i] for i in mine]
+            deltas = [u.view_as(p).to(p.dtype) for u, p in zip(updates, stepped)]
+        else:
+            # One flat buffer for the whole group: the same layout on every rank, so one collective
+            # suffices. Ranks write only the slices they own; the sum of zeros elsewhere is exact.
+            sizes = [p.numel() for p in params]
+            offsets = [0]
+            for n in sizes:
+                offsets.append(offsets[-1] + n)
+            flat = torch.zeros(offsets[-1], dtype=dtype, device=params[0].device)
+            for i, u in zip(mine, updates):
+                flat[offsets[i]:offsets[i + 1]] = u.reshape(-1)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             # grad None is the same on every rank under DDP, so skipping stays consistent.
-            if p.grad is not None:
-                if wd > 0:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(flat[offset:offset + n].view_as(p).to(p.dtype), alpha=-lr)
-            offset += n
+            stepped = [p for p in params if p.grad is not None]
+            deltas = [flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype)
+                      for i, p in enumerate(params) if p.grad is not None]
+        if not stepped:
+            return
+        if wd > 0:
+            torch._foreach_mul_(stepped, 1.0 - lr * wd)
+        torch._foreach_add_(stepped, deltas, alpha=-lr)
 
-    def _update(self, p: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
-        g = p.grad
-        if g.is_sparse:
+    def _updates(self, params: list, group: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The orthogonalised, shape-scaled update of each parameter (momentum advanced)."""
+        if not params:
+            return []
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
             raise RuntimeError("Muon does not support sparse gradients")
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-        buf = state["momentum_buffer"]
+        bufs = []
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
         mu = group["momentum"]
-        buf.mul_(mu).add_(g)
-        d = g.add(buf, alpha=mu) if group["nesterov"] else buf
-        mat = d.reshape(d.size(0), -1)
-        u = newton_schulz(mat, group["ns_steps"], dtype=dtype)
-        # Orthogonalised updates have RMS ~ 1/sqrt(max dim); the baseline rescales tall matrices
-        # so their per-element step matches a square one.
-        rows, cols = mat.shape
-        return u * max(1.0, rows / cols) ** 0.5
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        ds = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        out = []
+        for d in ds:
+            mat = d.reshape(d.size(0), -1)
+            u = self._ns(mat, group["ns_steps"], dtype=dtype)
+            # Orthogonalised updates have RMS ~ 1/sqrt(max dim); the baseline rescales tall matrices
+            # so their per-element step matches a square one.
+            rows, cols = mat.shape
+            out.append(u * max(1.0, rows / cols) ** 0.5)
+        return out

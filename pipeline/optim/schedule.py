@@ -49,10 +49,13 @@ def lr_multiplier(step: int, cfg: TrainConfig, elapsed_s: float) -> float:
     warmdown_by "steps": linear to 0 over the last `warmdown_steps` of `max_steps`.
     warmdown_by "time": the baseline rule against `max_wallclock_s` with step time estimated as
     elapsed_s / step; without a wall-clock cap it falls back to the step rule, as the baseline.
+    Either is floored at `min_lr_mul` (PR #1787's MIN_LR) when that is set.
     """
     if cfg.warmdown_by == "time" and cfg.max_wallclock_s > 0:
-        return _time_rule(step, cfg.max_wallclock_s, cfg.warmdown_steps, elapsed_s)
-    return _step_rule(step, cfg.max_steps, cfg.warmdown_steps)
+        mul = _time_rule(step, cfg.max_wallclock_s, cfg.warmdown_steps, elapsed_s)
+    else:
+        mul = _step_rule(step, cfg.max_steps, cfg.warmdown_steps)
+    return max(mul, cfg.min_lr_mul) if cfg.min_lr_mul > 0 else mul
 
 
 def muon_momentum(step: int, cfg: OptimConfig) -> float:

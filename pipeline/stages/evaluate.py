@@ -11,6 +11,7 @@ so they go straight into manifests and report.json.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -130,20 +131,40 @@ def score(model, data: Data, recipe: Recipe, dist_info, log, label: str) -> dict
     return out
 
 
+# TTT modes whose module the generated script carries only when a recipe uses them (by name, so
+# pipeline.codegen's import scan does not ship them with every recipe). Each has
+# score_ttt_mode(model, tokens, tables, recipe, dist_info, progress, events, micro_seqs, log)
+# -> (EvalResult, violations).
+TTT_MODE_MODULES = {"phased_lora": "eval.ttt_lora"}
+
+
+def ttt_modules(recipe: Recipe) -> list[str]:
+    """The extra runtime modules `recipe`'s TTT needs (pipeline.codegen adds them)."""
+    mod = TTT_MODE_MODULES.get(recipe.ttt.mode) if recipe.ttt.enabled else None
+    return [mod] if mod else []
+
+
 def score_ttt(model, data: Data, recipe: Recipe, dist_info, log) -> dict:
     t0 = time.perf_counter()
     events: list = []
-    fn = score_first_ttt if recipe.ttt.mode == "score_first" else pre_score_full_val_ttt
     # Each TTT step's sequences are shared by the ranks; one forward/backward pass holds at most
     # a reference rank's share of them (the memory of the run being reproduced).
     micro = max(1, -(-recipe.ttt.batch_seqs // recipe.train.reference_world_size))
-    res = fn(model, data.val_tokens, data.tables, recipe.eval, recipe.ttt, dist_info.device, dist_info.rank,
-             dist_info.world_size, progress=_progress_every(log, "ttt"), events=events, micro_seqs=micro)
-    violations = check_score_before_update(events)
+    if recipe.ttt.mode in TTT_MODE_MODULES:
+        mode = importlib.import_module(TTT_MODE_MODULES[recipe.ttt.mode])
+        res, violations = mode.score_ttt_mode(model, data.val_tokens, data.tables, recipe, dist_info,
+                                              progress=_progress_every(log, "ttt"), events=events,
+                                              micro_seqs=micro, log=log)
+    else:
+        fn = score_first_ttt if recipe.ttt.mode == "score_first" else pre_score_full_val_ttt
+        res = fn(model, data.val_tokens, data.tables, recipe.eval, recipe.ttt, dist_info.device, dist_info.rank,
+                 dist_info.world_size, progress=_progress_every(log, "ttt"), events=events, micro_seqs=micro)
+        violations = check_score_before_update(events)
     out = _as_dict(res, time.perf_counter() - t0)
     out["compliant"] = not violations
-    if recipe.ttt.mode == "score_first" and violations:
-        raise RuntimeError(f"score-first TTT trained on unscored tokens: {violations[:3]}")  # a bug, not input
+    if recipe.ttt.mode != "pre_score_full_val" and violations:
+        raise RuntimeError(f"{recipe.ttt.mode} TTT broke score-first order or document isolation: "
+                           f"{violations[:3]}")  # a bug, not input
     log(f"ttt_exact mode={recipe.ttt.mode} val_loss={out['val_loss']:.8f} val_bpb={out['val_bpb']:.8f} "
         f"chunks_trained_before_scored={len(violations)} eval_time={out['eval_time_s']:.1f}s")
     _alarm(out, "ttt", log)

@@ -1,12 +1,14 @@
 """Stage `export`: the trained weights become the artifact, written to disk and read back.
 
-    quantize (the recipe's plan) -> pack (zstd-22 container, sha256 beside it, size gate)
-    -> read the blob back from disk (checksum, decode, every tensor finite)
+    quantize (the recipe's plan, then LQER if set) -> pack (zstd-22 by default; sha256 beside it,
+    size gate) -> read the blob back from disk (checksum, decode, every tensor finite)
 
 The weights come from the train stage's file, checked against the sha256 it recorded. The blob's
 metadata is the recipe name, seed and model config, so `pgolf run` and the shipped `train_gpt.py`
 write byte-identical blobs for the same weights. Sizes under the recipe's `quant.compare` plans
-(e.g. PR #298's int8 + zlib-9) are reported beside it, unscored. The plan reads each tensor's
+(e.g. PR #298's int8 + zlib-9) are reported beside it, unscored, and so are the sizes of the same
+blob's container under `package.compare_compressors` (e.g. brotli, brotli_shuffle, pergroup), each
+with its compression seconds, as `compare["compressor:<name>"]`. The plan reads each tensor's
 parameter role from the recipe's model (built on the meta device: shapes and roles only), and
 hands a calibrating scheme what it gathered in the train stage (pipeline.export.calibration).
 Runtime-pure.
@@ -14,12 +16,14 @@ Runtime-pure.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pipeline.config import Recipe, to_dict
 from pipeline.distributed import barrier, broadcast_from_main
 from pipeline.errors import UserError
-from pipeline.export.artifact import load_artifact, package_model, serialize, size_lines
+from pipeline.export.artifact import effective_level, group_codec, load_artifact, package_model, serialize, size_lines
 from pipeline.export.codec import compress
 from pipeline.export.calibration import calibrating_schemes, load_calibration
 from pipeline.export.plan import quantize_state_dict
@@ -72,6 +76,24 @@ def compare_sizes(state: dict, recipe: Recipe, roles: dict, calibration: dict | 
     return sizes
 
 
+def compare_compressors(raw: bytes, recipe: Recipe) -> tuple[dict, dict]:
+    """({"compressor:<name>": bytes}, {name: seconds or the reason it is unavailable}) of the
+    container `raw` under each of `package.compare_compressors`."""
+    sizes, seconds = {}, {}
+    for name in recipe.package.compare_compressors:
+        if name == "pergroup":
+            from pipeline.export.codec import PACKAGER_MODULE, extension
+
+            packagers = extension(PACKAGER_MODULE)
+            if not packagers.lrzip_available():
+                seconds[name] = f"unavailable: the lrzip program is not installed; {packagers.LRZIP_FIX}"
+                continue
+        t0 = time.perf_counter()
+        sizes[f"compressor:{name}"] = len(compress(raw, name, recipe.package.level))
+        seconds[name] = round(time.perf_counter() - t0, 3)
+    return sizes, seconds
+
+
 def _run_export(ctx: Context) -> dict:
     r = ctx.recipe
     blob = ctx.path("export", BLOB)
@@ -82,9 +104,13 @@ def _run_export(ctx: Context) -> dict:
         try:
             state, calibration = load_weights(ctx), load_train_calibration(ctx)
             roles = tensor_roles(r.model)
-            qmodel = quantize_state_dict(state, r.quant.rules, roles=roles, calibration=calibration)
+            qmodel = quantize_state_dict(state, r.quant, roles=roles, calibration=calibration)
             result = package_model(qmodel, blob, r.package, ctx.code_bytes, meta=blob_meta(r))
             result["compare"] = compare_sizes(state, r, roles, calibration)
+            if r.package.compare_compressors:
+                sizes, seconds = compare_compressors(serialize(qmodel, blob_meta(r)), r)
+                result["compare"] |= sizes
+                result["compressor_seconds"] = seconds
         except UserError as e:
             broadcast_from_main(ctx.dist, ("error", type(e), str(e)))
             raise
@@ -98,11 +124,23 @@ def _run_export(ctx: Context) -> dict:
     decoded, _meta = load_artifact(blob, result["sha256"])  # what ships, read back from disk
     for line in size_lines(result):
         ctx.log(line)
+    codec_note = "" if group_codec(r.package.compressor) == r.package.compressor else \
+        f" codec={group_codec(r.package.compressor)}"  # pergroup's per-group estimate is brotli's
     for group, g in result["groups"].items():
         ctx.log(f"export_group group={group} tensors={g['tensors']} raw_bytes={g['raw_bytes']} "
-                f"compressed_bytes={g['compressed_bytes']}")
+                f"compressed_bytes={g['compressed_bytes']}{codec_note}")
     for name, nbytes in result["compare"].items():
-        ctx.log(f"Compare plan {name}: model {nbytes} bytes + code {ctx.code_bytes} = {nbytes + ctx.code_bytes} bytes")
+        if not name.startswith("compressor:"):
+            ctx.log(f"Compare plan {name}: model {nbytes} bytes + code {ctx.code_bytes} = "
+                    f"{nbytes + ctx.code_bytes} bytes")
+    for name, secs in result.get("compressor_seconds", {}).items():
+        nbytes = result["compare"].get(f"compressor:{name}")
+        if nbytes is None:
+            ctx.log(f"Compare compressor {name}: {secs}")
+        else:
+            level = effective_level(name, r.package.level)
+            ctx.log(f"Compare compressor {name}-{level}: model {nbytes} bytes ({nbytes - result['bytes_model']:+d} vs "
+                    f"{r.package.compressor}) compress_s={secs:.2f}")
     ctx.log(f"export_done artifact_sha256={result['sha256']} tensors={len(decoded)} read_back=ok")
     return result
 

@@ -41,7 +41,7 @@ def legality_tag(recipe: Recipe) -> str:
     """The tag every log line of a run that cannot be a legal entry carries (from its config, before
     any score exists; the report's own flags are computed from what the run did)."""
     tags = []
-    if recipe.ttt.enabled and recipe.ttt.mode != "score_first":
+    if recipe.ttt.enabled and recipe.ttt.mode == "pre_score_full_val":
         tags.append(NONCOMPLIANT)
     if recipe.model.leaky_selective_state:
         tags.append(NONCAUSAL)

@@ -13,11 +13,24 @@ boundary, so the saved state is never taken mid-step and the resumed run is bitw
 uninterrupted one. A non-finite loss, gradient norm or parameter stops training at that step,
 naming it; a checkpoint is written only from a finite state, so "the last good checkpoint" is good.
 
+Fast paths (`FastPaths`, resolved per device from train.compile / autocast / attention_kernel /
+host_sync_every / cpu_workers / coprime.copy_stream and optim.muon_compile; "auto" is the CUDA fast
+path on CUDA and the plain path on the CPU, whose numbers it leaves bitwise unchanged): bf16
+autocast, torch.compile of the loss module and of Newton-Schulz, one named SDPA kernel (flash takes
+grouped KV heads), the coprime loader's pinned-memory copy stream, and no host synchronisation
+inside a step: the loss, the gradient norm and a parameter-health flag stay on the device and are
+read every host_sync_every steps and before every log line, validation, checkpoint and stop, so a
+non-finite value still stops training naming the step it appeared at. Between sync points the
+clock runs on host time and the wait for the device is added at the sync, as the baseline times
+its steps; validation stays off the clock. On the CPU, cpu_workers shares a step's passes among
+threads of the process (`Trainer._passes_threaded`).
+
 Runtime-pure (bundled into the submission script): imports torch/numpy and pipeline only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -39,8 +52,9 @@ from pipeline.errors import NonFiniteLossError, UserError
 from pipeline.fileio import atomic_path, file_sha256
 from pipeline.model import build_model
 from pipeline.optim.build import build_optimizers
-from pipeline.optim.grad_transforms import (GradConditioningState, check_grad_conditioning, clip_grad_norm,
-                                            condition_gradients, nan_to_num_)
+from pipeline.optim.muon import Muon
+from pipeline.optim.grad_transforms import (GradConditioningState, check_grad_conditioning, condition_gradients,
+                                            nan_to_num_)
 from pipeline.optim.schedule import apply_schedule, lr_multiplier, muon_momentum
 from pipeline.stages.base import Context, Stage
 from pipeline.stages.ema import EMA
@@ -136,6 +150,96 @@ def _atomic_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+@dataclass(frozen=True)
+class FastPaths:
+    """The fast paths one run uses, resolved from the recipe for its device (TrainConfig's
+    autocast ... cpu_workers, optim.muon_compile, train.coprime.copy_stream)."""
+
+    compile: bool
+    autocast: Optional[torch.dtype]  # None = full precision
+    attention_kernel: str  # "auto" = PyTorch's choice
+    sync_every: int  # steps between host reads of the loss and health flags
+    cpu_workers: int
+    muon_compile: bool
+    copy_stream: bool
+
+    def describe(self) -> str:
+        onoff = {True: "on", False: "off"}
+        return (f"compile={onoff[self.compile]} autocast={'bf16' if self.autocast is not None else 'off'} "
+                f"attention_kernel={self.attention_kernel} host_sync_every={self.sync_every} "
+                f"cpu_workers={self.cpu_workers} muon_compile={onoff[self.muon_compile]} "
+                f"copy_stream={onoff[self.copy_stream]}")
+
+
+def resolve_fast_paths(recipe: Recipe, device, world_size: int, passes_per_step: int) -> FastPaths:
+    """"auto" -> on with CUDA, off elsewhere; a combination that cannot run is a UserError here,
+    before anything is built, never a silent fallback."""
+    t, cuda = recipe.train, torch.device(device).type == "cuda"
+
+    def on(choice: str) -> bool:
+        return choice == "on" or (choice == "auto" and cuda)
+
+    autocast = torch.bfloat16 if t.autocast == "bf16" or (t.autocast == "auto" and cuda) else None
+    kernel = t.attention_kernel
+    if kernel in ("efficient", "cudnn") and not cuda:
+        raise UserError(f"train.attention_kernel={kernel} is a CUDA kernel; on the CPU use auto, flash or math.")
+    if kernel == "flash" and cuda and autocast is None:
+        raise UserError("train.attention_kernel=flash needs bf16 inputs on CUDA; set train.autocast to auto or bf16 "
+                        "(or pick train.attention_kernel=auto/math for full precision).")
+    copy_stream = t.loader == "coprime" and on(t.coprime.copy_stream)
+    if t.loader == "coprime" and t.coprime.copy_stream == "on" and not cuda:
+        raise UserError("train.coprime.copy_stream=on needs a CUDA device; use auto or off.")
+    compile_model = on(t.compile)
+    workers = t.cpu_workers
+    if workers > 1:
+        why = None
+        if cuda:
+            why = "it shares passes among CPU threads; on CUDA leave it at 1"
+        elif world_size > 1:
+            why = "it shares one process's passes; run one process"
+        elif compile_model:
+            why = "torch.compile'd code is not run from several threads here; set train.compile=off"
+        elif passes_per_step < workers:
+            why = (f"a step has {passes_per_step} pass(es) to share; raise train.reference_world_size or set "
+                   f"train.micro_batch_seqs")
+        if why:
+            raise UserError(f"train.cpu_workers={workers} cannot be used here: {why}.")
+    sync_every = t.host_sync_every or (t.log_every if cuda else 1)
+    return FastPaths(compile_model, autocast, kernel, sync_every, workers, on(recipe.optim.muon_compile), copy_stream)
+
+
+def _sdpa_kernel(name: str):
+    """A context restricting scaled_dot_product_attention to one kernel (train.attention_kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name])
+
+
+def _clip_grad_norm_on_device(params, max_norm: float, device) -> torch.Tensor:
+    """grad_transforms.clip_grad_norm's global norm and clip, the norm left on the device (no sync)."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return torch.zeros((), device=device)
+    total = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+    if max_norm > 0:
+        # torch scales by min(1, max_norm / (total + 1e-6)): only ever down, never by 1/0.
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
+    return total
+
+
+@dataclass
+class _PendingStep:
+    """A finished step whose figures are still on the device (read at the next sync point)."""
+
+    step: int
+    train_time: float
+    tokens_seen: int
+    loss_sum: torch.Tensor  # sum of the passes' mean losses
+    grad_norm: torch.Tensor
+    healthy: torch.Tensor  # 1.0 if every parameter is finite
+
+
 class Trainer:
     """`out_dir`: the checkpoint folder, or None for no checkpoints at all (the shipped script).
     `checkpoint_key`: what a checkpoint must have been written under to be resumed (default: the
@@ -165,8 +269,10 @@ class Trainer:
             raise UserError(f"train.micro_batch_seqs ({mbs}) must be 0 (off) or divide the {local_seqs} sequences "
                             f"each rank runs per micro-step; one of {fits}.")
         self.chunk_seqs = mbs or local_seqs
+        self.fast = resolve_fast_paths(recipe, dist_info.device, dist_info.world_size, self.passes_per_step)
         seed_everything(recipe.seed)
         self.model = build_model(recipe.model).to(dist_info.device)
+        self.model.plan_training(t.max_steps)  # a trunk that changes with the step schedules from it
         self.optimizers = build_optimizers(self.model, recipe.optim, rank=dist_info.rank,
                                            world_size=dist_info.world_size)
         self.ema = EMA(self.model, recipe.ema.decay) if recipe.ema.enabled else None
@@ -175,14 +281,19 @@ class Trainer:
         self.grad_state = GradConditioningState()
         self.shard_paths = list(shard_paths)
         self.loader = make_loader(recipe, self.shard_paths, dist_info, self.accum, self.local_tokens)
-        use_compile = t.compile == "on" or (t.compile == "auto" and dist_info.device.type == "cuda")
         loss_module = _LossModule(self.model)
-        self.step_model = torch.compile(loss_module) if use_compile else loss_module
+        self.step_model = torch.compile(loss_module) if self.fast.compile else loss_module
+        if self.fast.muon_compile:
+            for opt in self.optimizers:
+                if isinstance(opt, Muon):
+                    opt.compile_newton_schulz()
         if dist_info.world_size > 1:
             self.step_model = DistributedDataParallel(
                 self.step_model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
         self.step, self.train_time, self.tokens_seen = 0, 0.0, 0
         self.history: list = []
+        self._pending: list[_PendingStep] = []  # finished steps not yet read on the host
+        self._next_sync = 0
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -271,14 +382,65 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
-        if self.dist.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        if self.fast.autocast is not None:
+            return torch.autocast(self.dist.device.type, dtype=self.fast.autocast)
+        return torch.autocast(self.dist.device.type, enabled=False)
+
+    def _passes_context(self):
+        """Autocast and the chosen SDPA kernel around a forward/backward pass (both thread-local
+        or global state that each cpu_workers thread must enter itself)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._autocast())
+        if self.fast.attention_kernel != "auto":
+            stack.enter_context(_sdpa_kernel(self.fast.attention_kernel))
+        return stack
+
+    @property
+    def passes_per_step(self) -> int:
+        return self.accum * (self.local_tokens // (self.recipe.train.seq_len * self.chunk_seqs))
 
     def train_step(self) -> tuple[float, float]:
+        """One optimizer step; returns (mean loss, gradient norm) as floats (one host sync)."""
+        total, grad_norm = self.step_on_device()
+        return float(total.item()) / self.passes_per_step, float(grad_norm)
+
+    def step_on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step without a host sync: returns the sum of the passes' mean losses and
+        the gradient norm as device tensors (the mean loss is the sum / passes_per_step)."""
+        if self.fast.cpu_workers == 1:
+            return self._step()
+        # cpu_workers: the whole step runs single-threaded inside (the passes on the workers, the
+        # optimizers here): on a shared CPU an OpenMP team stalls at every tiny kernel's barrier
+        # whenever one of its threads is descheduled, while lone threads only lose their share.
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._step()
+        finally:
+            torch.set_num_threads(threads_before)
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.recipe
         lr_mul = lr_multiplier(self.step, r.train, self.train_time)
         apply_schedule(self.optimizers, lr_mul, muon_momentum(self.step, r.optim))
+        total = self._passes_threaded() if self.fast.cpu_workers > 1 else self._passes()
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        params = [p for _, p in named]
+        if r.train.nan_to_num_grads:
+            nan_to_num_(params)
+        condition_gradients(named, r.optim.grad_conditioning, self.grad_state)
+        grad_norm = _clip_grad_norm_on_device(params, r.train.grad_clip, self.dist.device)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.tokens_seen += r.train.batch_tokens
+        return total, grad_norm
+
+    def _passes(self) -> torch.Tensor:
+        r = self.recipe
         total = torch.zeros((), device=self.dist.device)
         chunks = self.local_tokens // (r.train.seq_len * self.chunk_seqs)
         # Every pass holds the same number of tokens, so the mean of the pass means is the
@@ -293,24 +455,64 @@ class Trainer:
                 # DDP all-reduces once per step, in its last backward.
                 sync = not ddp or (micro == self.accum - 1 and c == chunks - 1)
                 ctx = self.step_model.no_sync() if not sync else _null()
-                with ctx, self._autocast():
+                with ctx, self._passes_context():
                     loss, _aux = self.step_model(x[rows], y[rows], self.step)
                 (loss / passes).backward()
                 total += loss.detach()
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        params = [p for _, p in named]
-        if r.train.nan_to_num_grads:
-            nan_to_num_(params)
-        condition_gradients(named, r.optim.grad_conditioning, self.grad_state)
-        grad_norm = clip_grad_norm(params, r.train.grad_clip)
-        for opt in self.optimizers:
-            opt.step()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.tokens_seen += r.train.batch_tokens
-        return float(total.item()) / passes, float(grad_norm)
+        return total
+
+    def _passes_threaded(self) -> torch.Tensor:
+        """train.cpu_workers: the step's passes (in loader order) split into contiguous shares, one
+        per thread, each thread single-threaded inside; per-thread gradient sums are added in
+        thread order, so the result is deterministic. Batches are read on this thread, in order."""
+        r = self.recipe
+        chunks = self.local_tokens // (r.train.seq_len * self.chunk_seqs)
+        batches = []
+        for _ in range(self.accum):
+            x, y = self.loader.next_batch()
+            for c in range(chunks):
+                rows = slice(c * self.chunk_seqs, (c + 1) * self.chunk_seqs)
+                batches.append((x[rows], y[rows]))
+        n, workers = len(batches), self.fast.cpu_workers
+        shares = [batches[i * n // workers:(i + 1) * n // workers] for i in range(workers)]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        results: list = [None] * workers
+
+        def work(i: int) -> None:
+            try:
+                grads, total = [None] * len(params), torch.zeros(())
+                for x, y in shares[i]:
+                    with self._passes_context():
+                        loss, _aux = self.step_model(x, y, self.step)
+                    got = torch.autograd.grad(loss / n, params, allow_unused=True)
+                    grads = [g if a is None else (a if g is None else a.add_(g)) for a, g in zip(grads, got)]
+                    total += loss.detach()
+                results[i] = (grads, total)
+            except BaseException as e:  # re-raised on the calling thread below
+                results[i] = e
+
+        helpers = [threading.Thread(target=work, args=(i,), name=f"pgolf-cpu-worker-{i}") for i in range(1, workers)]
+        try:
+            for h in helpers:
+                h.start()
+            work(0)
+        finally:
+            for h in helpers:
+                h.join()
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
+        total = torch.zeros(())
+        for p, *per_worker in zip(params, *(res[0] for res in results)):
+            got = [g for g in per_worker if g is not None]
+            if got:
+                g = got[0]
+                for more in got[1:]:
+                    g = g.add_(more)
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        for _, t in results:
+            total += t
+        return total
 
     # ------------------------------------------------------------------ priming
     def prime(self) -> None:
@@ -318,6 +520,7 @@ class Trainer:
         n = self.recipe.train.prime_steps
         if n <= 0:
             return
+        t0 = time.perf_counter()
         snapshot = copy.deepcopy({"model": self.model.state_dict(),
                                   "opt": [o.state_dict() for o in self.optimizers],
                                   "ema": self.ema.state_dict() if self.ema else None,
@@ -334,12 +537,13 @@ class Trainer:
         self.loader.load_state_dict(snapshot["loader"])
         _set_rng_state(snapshot["rng"])
         self.tokens_seen = 0
-        self.log(f"priming_done steps={n} (state restored; not timed)")
+        self.log(f"priming_done steps={n} time={time.perf_counter() - t0:.1f}s (compiles; state restored; not timed)")
 
     # ------------------------------------------------------------------ the loop
     def run(self, validate: Optional[Callable] = None, stop_at_step: Optional[int] = None) -> TrainResult:
         t = self.recipe.train
-        self.log(f"train_setup device={self.dist.device} threads={torch.get_num_threads()}")
+        self.log(f"train_setup device={self.dist.device} world_size={self.dist.world_size} accum={self.accum} "
+                 f"passes_per_step={self.passes_per_step} threads={torch.get_num_threads()} {self.fast.describe()}")
         resumed = self.try_resume()
         if resumed is not None:
             self.log(f"resume step={resumed} train_time={self.train_time:.1f}s from={self.out_dir / CHECKPOINT}")
@@ -347,33 +551,45 @@ class Trainer:
             self.prime()
         last_good = resumed
         self.stopped_by = "max_steps"
+        self._pending = []
         restore = self._catch_signals()
         try:
             while self.step < t.max_steps:
-                train_time, stop = self._collective_state()
-                if stop:
-                    # A signal arrived during the last step: stop here, at a step boundary.
-                    saved = self.save_checkpoint()
-                    self.log(f"interrupted at step={self.step}; "
-                             + ("checkpoint saved, rerun to resume" if saved else "no checkpoint (none configured)"))
-                    raise KeyboardInterrupt
-                if t.max_wallclock_s and train_time >= t.max_wallclock_s:
-                    self.log(f"stopping_early: wallclock_cap train_time={self.train_time:.1f}s step={self.step}")
-                    self.stopped_by = "wallclock"
-                    break
+                # Stop decisions need the same state on every rank: taken at a sync point (nothing
+                # pending) or, in one process, at every step boundary (free there).
+                if not self._pending or self.dist.world_size == 1:
+                    train_time, stop = self._collective_state()
+                    if stop:
+                        # A signal arrived during the last step: stop here, at a step boundary.
+                        self._drain(validate, last_good)
+                        saved = self.save_checkpoint()
+                        self.log(f"interrupted at step={self.step}; " + ("checkpoint saved, rerun to resume" if saved
+                                                                          else "no checkpoint (none configured)"))
+                        raise KeyboardInterrupt
+                    if t.max_wallclock_s and train_time >= t.max_wallclock_s:
+                        self.log(f"stopping_early: wallclock_cap train_time={self.train_time:.1f}s step={self.step}")
+                        self.stopped_by = "wallclock"
+                        break
+                    if not self._pending:
+                        self._next_sync = self.step + self._sync_interval(train_time)
                 if stop_at_step is not None and self.step >= stop_at_step:
                     self.stopped_by = "stop_at_step"
                     break
-                self._sync()
+                # Host time: on CUDA the step is only queued here; the wait for the device is added
+                # at the next sync point (_drain), so train_time is the device's time, as the
+                # baseline measures it, without a synchronisation per step.
                 t0 = time.perf_counter()
-                loss, grad_norm = self.train_step()
-                self._sync()
+                loss_sum, grad_norm = self.step_on_device()
+                healthy = self._parameters_finite_flag()
                 self.train_time += time.perf_counter() - t0
                 self.step += 1
-                self._check_health(loss, grad_norm, last_good)
-                self._after_step(loss, grad_norm, validate)
+                self._pending.append(_PendingStep(self.step, self.train_time, self.tokens_seen, loss_sum,
+                                                  grad_norm, healthy))
+                if self._sync_due(stop_at_step):
+                    self._drain(validate, last_good)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.save_checkpoint():
                     last_good = self.step
+            self._drain(validate, last_good)
             self.save_checkpoint()
         except KeyboardInterrupt:
             if self._stop_signal is None:
@@ -387,6 +603,44 @@ class Trainer:
             if hasattr(self.loader, "close"):
                 self.loader.close()  # stop a prefetch thread (PR #684's never stopped)
         return TrainResult(self.step, self.train_time, self.tokens_seen, self.history, resumed, self.stopped_by)
+
+    # ------------------------------------------------------------------ host syncs
+    def _sync_interval(self, train_time: float) -> int:
+        """Steps to the next regular sync point. Near the wall-clock cap every step is one, so the
+        stop lands where the cap says (computed from the all-reduced time: the same on every rank)."""
+        t, k = self.recipe.train, self.fast.sync_every
+        if k > 1 and t.max_wallclock_s and self.step:
+            if t.max_wallclock_s - train_time < (k + 1) * train_time / self.step:
+                return 1
+        return k
+
+    def _sync_due(self, stop_at_step: Optional[int]) -> bool:
+        t, s = self.recipe.train, self.step
+        return (s >= self._next_sync or s == 1 or s == t.max_steps or s % t.log_every == 0
+                or (t.checkpoint_every > 0 and s % t.checkpoint_every == 0)
+                or (t.val_every > 0 and s % t.val_every == 0)
+                or (stop_at_step is not None and s >= stop_at_step)
+                # a signal is read at the next step boundary in one process; ranks read it at
+                # their next regular sync point, which they share
+                or (self.dist.world_size == 1 and self._stop_signal is not None))
+
+    def _drain(self, validate, last_good: Optional[int]) -> None:
+        """The sync point: wait for the device (timed as training), read every pending step's loss,
+        gradient norm and health flag in one transfer, then check, record and log them in order."""
+        if not self._pending:
+            return
+        t0 = time.perf_counter()
+        self._sync()
+        self.train_time += time.perf_counter() - t0
+        pending, self._pending = self._pending, []
+        pending[-1].train_time = self.train_time
+        values = torch.stack([v for p in pending for v in (p.loss_sum, p.grad_norm, p.healthy)]).tolist()
+        passes = self.passes_per_step
+        for i, p in enumerate(pending):
+            loss_sum, grad_norm, healthy = values[3 * i:3 * i + 3]
+            loss = loss_sum / passes
+            self._check_health(p.step, loss, grad_norm, healthy > 0, last_good)
+            self._after_step(p, loss, grad_norm, validate)
 
     # ------------------------------------------------------------------ interruption and health
     def _catch_signals(self) -> Callable[[], None]:
@@ -422,19 +676,24 @@ class Trainer:
         torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
         return float(both[0]), bool(both[1])
 
-    def _parameters_finite(self) -> bool:
-        # One host sync for all parameters (the slow, naming pass runs only on failure).
-        flags = torch.stack([torch.isfinite(p.detach()).all() for p in self.model.parameters()])
-        return bool(flags.all())
+    def _parameters_finite_flag(self) -> torch.Tensor:
+        """1.0 if every parameter is finite, else 0.0, left on the device (no sync). The max-norm of
+        a tensor is finite exactly when all its entries are (unlike the 2-norm it cannot overflow)."""
+        params = [p.detach() for p in self.model.parameters() if p.numel()]
+        if not params:
+            return torch.ones((), device=self.dist.device)
+        norms = torch._foreach_norm(params, float("inf"))
+        return torch.isfinite(torch.stack(norms)).all().to(torch.float32)
 
-    def _check_health(self, loss: float, grad_norm: float, last_good: Optional[int]) -> None:
-        """Stop at this step, naming what is non-finite: the loss, the gradient norm or a parameter."""
+    def _check_health(self, step: int, loss: float, grad_norm: float, params_finite: bool,
+                      last_good: Optional[int]) -> None:
+        """Stop, naming what became non-finite at `step`: the loss, the gradient norm or a parameter."""
         what = None
         if not math.isfinite(loss):
             what = f"training loss became {loss}"
         elif not math.isfinite(grad_norm):
             what = f"the gradient norm became {grad_norm}"
-        elif not self._parameters_finite():
+        elif not params_finite:
             what = f"{self.non_finite_state() or 'a parameter'} became non-finite"
         if what is None:
             return
@@ -443,28 +702,29 @@ class Trainer:
                      "resumes from it")
         else:
             where = "no checkpoint had been written yet"
-        raise NonFiniteLossError(f"{what} at step {self.step}; stopped. {where}. Lower optim.*_lr or set "
+        later = f" (read at step {self.step})" if self.step != step else ""
+        raise NonFiniteLossError(f"{what} at step {step}; stopped{later}. {where}. Lower optim.*_lr or set "
                                  f"train.grad_clip, then rerun.")
 
-    def _after_step(self, loss: float, grad_norm: float, validate) -> None:
+    def _after_step(self, p: "_PendingStep", loss: float, grad_norm: float, validate) -> None:
         t = self.recipe.train
-        lr_mul = lr_multiplier(self.step, t, self.train_time)
-        rec = {"step": self.step, "loss": loss, "lr_mul": lr_mul, "train_time": self.train_time}
+        lr_mul = lr_multiplier(p.step, t, p.train_time)
+        rec = {"step": p.step, "loss": loss, "lr_mul": lr_mul, "train_time": p.train_time}
         self.history.append(rec)
         if self.progress is not None:
-            self.progress(self.step, t.max_steps, rec)
-        if self.step % t.log_every == 0 or self.step == 1 or self.step == t.max_steps:
-            avg = self.train_time / self.step
-            left = (t.max_steps - self.step) * avg
+            self.progress(p.step, t.max_steps, rec)
+        if p.step % t.log_every == 0 or p.step == 1 or p.step == t.max_steps:
+            avg = p.train_time / p.step
+            left = (t.max_steps - p.step) * avg
             if t.max_wallclock_s:
-                left = min(left, max(t.max_wallclock_s - self.train_time, 0.0))
-            self.log(f"step={self.step}/{t.max_steps} loss={loss:.4f} lr_mul={lr_mul:.4f} grad_norm={grad_norm:.3f} "
-                     f"train_time={self.train_time:.1f}s step_avg={avg * 1000:.1f}ms "
-                     f"tok_s={self.tokens_seen / max(self.train_time, 1e-9):.0f} eta={left:.0f}s")
-        if validate is not None and t.val_every and self.step % t.val_every == 0:
+                left = min(left, max(t.max_wallclock_s - p.train_time, 0.0))
+            self.log(f"step={p.step}/{t.max_steps} loss={loss:.4f} lr_mul={lr_mul:.4f} grad_norm={grad_norm:.3f} "
+                     f"train_time={p.train_time:.1f}s step_avg={avg * 1000:.1f}ms "
+                     f"tok_s={p.tokens_seen / max(p.train_time, 1e-9):.0f} eta={left:.0f}s")
+        if validate is not None and t.val_every and p.step % t.val_every == 0:
             metrics = validate(self.ema_model() if self.ema else self.model)  # untimed
             rec.update(metrics)
-            self.log(f"val step={self.step} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            self.log(f"val step={p.step} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     def ema_model(self):
         """A copy of the model holding the EMA weights (what is exported)."""
@@ -557,11 +817,11 @@ def _run_train_stage(ctx: Context) -> dict:
 
 
 def _train_stage_key(ctx: Context) -> dict:
-    # The calibrating schemes run inside this stage, so a plan that adds one reruns it.
-    from pipeline.export.calibration import calibrating_schemes
+    # The calibrating schemes run inside this stage, so a plan that adds one (or changes how many
+    # batches they see) reruns it.
+    from pipeline.export.calibration import calibration_key
 
-    names = calibrating_schemes(ctx.recipe)
-    return training_config(ctx.recipe) | ({"calibrating_schemes": names} if names else {})
+    return training_config(ctx.recipe) | calibration_key(ctx.recipe)
 
 
 TRAIN = Stage("train", depends_on=_train_stage_key, data_inputs=("train",), files=(WEIGHTS,),
