@@ -55,10 +55,10 @@ class Published:
 
 def load_published(recipe: str) -> Optional[Published]:
     """The recipe's `published:` section, validated (None when it has none)."""
-    from pipeline.recipe import _compose, resolve_recipe_path
+    from pipeline.recipe_files import compose, resolve_recipe_path
 
     path = resolve_recipe_path(recipe)
-    raw = _compose(path).get("published")
+    raw = compose(path).get("published")
     if raw is None:
         return None
     try:

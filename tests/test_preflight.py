@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from conftest import REPO, SMALL_VOCAB, make_trainer, tiny_recipe
+from pipeline import activation_trace
 from pipeline import preflight as pf
 from pipeline.distributed import DistInfo
 from pipeline.errors import UserError
@@ -56,7 +57,7 @@ def small(name: str, *sets: str):
 
 
 def real_pass_peak(recipe, seqs: int) -> int:
-    """`_LiveBytes` over one real forward + backward of `seqs` sequences, gradients existing."""
+    """`LiveBytes` over one real forward + backward of `seqs` sequences, gradients existing."""
     from pipeline.model import build_model
 
     torch.manual_seed(0)
@@ -65,7 +66,7 @@ def real_pass_peak(recipe, seqs: int) -> int:
         p.grad = torch.zeros_like(p)
     ids = torch.randint(0, recipe.model.vocab_size, (seqs, recipe.train.seq_len))
     model.plan_training(recipe.train.max_steps)  # the estimate traces the last step (looped layers on)
-    tracker = pf._LiveBytes()
+    tracker = activation_trace.LiveBytes()
     with tracker:
         loss = model.training_loss(ids, ids, recipe.train.max_steps - 1)[0]
         loss.backward()
@@ -105,7 +106,7 @@ def test_cuda_emulation_follows_cuda_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = F.linear(x, w)
         assert h.dtype == torch.bfloat16 and torch.relu(h).square().dtype == torch.bfloat16  # CPU policy
-        with pf._CudaFp32Policy():
+        with activation_trace.CudaFp32Policy():
             assert F.linear(x, w).dtype == torch.bfloat16
             assert torch.relu(h).square().dtype == torch.float32
             assert F.rms_norm(h, (16,)).dtype == torch.float32 and h.sum().dtype == torch.float32

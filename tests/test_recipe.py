@@ -171,11 +171,12 @@ def test_every_count_field_declares_its_range():
 
 
 def test_defaults_satisfy_their_constraints():
-    from pipeline.recipe import _constraint_problems, _cross_field_problems, recipe_schema
+    from pipeline.recipe import _constraint_problems, recipe_schema
+    from pipeline.recipe_rules import cross_field_problems
 
     recipe = C.Recipe(name="defaults")
     assert _constraint_problems(C.to_dict(recipe), recipe_schema()) == []  # the model's part settings too
-    assert _cross_field_problems(recipe, set()) == []
+    assert cross_field_problems(recipe, set()) == []
     for cls in _config_classes():  # the optional sections and list items too
         fields = dataclasses.fields(cls)
         if all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING for f in fields):
