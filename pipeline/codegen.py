@@ -4,7 +4,9 @@ The file carries pgolf's runtime modules (model, optimizers, loaders, quantizer,
 everything `ENTRY_MODULES` needs and nothing else) and the resolved recipe as JSON, like the
 records' self-extracting scripts (pg_mechanics.md §4.2.2, regimes 2 and 3):
 
-1. each module is minified with python-minifier (docstrings, comments and annotations go; names,
+1. the top-level functions and classes, and the methods, that nothing in the bundle can name are
+   dropped (pipeline.dead_code: pgolf's other commands use them), then each module is minified
+   with python-minifier (docstrings, comments and annotations go; names,
    including locals, stay as written, so a traceback still reads);
 2. the modules and the recipe are joined into one NUL-separated payload (`path, source, ...,
    recipe`), compressed with brotli (quality 11) or LZMA (preset 9e), whichever makes the smaller
@@ -38,16 +40,20 @@ import brotli
 import python_minifier
 
 from pipeline.config import Recipe, to_dict
+from pipeline.dead_code import prune
 from pipeline.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The runtime is the import closure of the submission entry point and of the model parts the
-# recipe names, found by reading `import` statements (`runtime_modules`). Part modules reach the
-# registry only by name, so a recipe carries the code of its own parts and no other's; the same
-# holds for quantization schemes and packagers, which the codec imports by name
-# (pipeline.export.codec.extension; `export_modules`). A test runs the generated file with all
-# other third-party packages blocked.
+# The runtime is the import closure of the submission entry point and of the modules the recipe
+# selects, found by reading `import` statements (`runtime_modules`). Code imported by name
+# (importlib) is invisible to that scan, so it ships only when a selector names it for the recipe
+# (`_selected_modules`): model parts reach the registry by name, so a recipe carries its own parts
+# and no other's; the same holds for quantization schemes and packagers, which the codec imports
+# by name (pipeline.export.codec.extension; `export_modules`), for TTT modes, and for the train
+# stage's coprime loader and cpu_workers threads. pgolf run's checkpointer is imported by name and
+# selected by nothing: the script never checkpoints. A test runs the generated file with all other
+# third-party packages blocked.
 ENTRY_MODULES = ("pipeline.script_entry",)
 _PACKAGES = ("pipeline", "eval")
 
@@ -152,12 +158,21 @@ def export_modules(recipe: Recipe) -> list[str]:
     return sorted(m for m in found if m and m.split(".")[0] in _PACKAGES and _module_file(m) is not None)
 
 
-def runtime_modules(recipe: Recipe) -> list[str]:
-    """Repository-relative paths of every module the submission for `recipe` imports."""
+def _selected_modules(recipe: Recipe) -> list[str]:
+    """The modules that pipeline code imports by name (importlib) and that `recipe` needs: each
+    selector below names those of one mechanism, so a module imported by name ships exactly with
+    the recipes that select it, and one no selector names (pgolf run's checkpointer) never does."""
     from pipeline.model.registry import part_modules
     from pipeline.stages.evaluate import ttt_modules
+    from pipeline.stages.train import train_modules
 
-    todo = [*ENTRY_MODULES, *part_modules(recipe.model), *ttt_modules(recipe), *export_modules(recipe)]
+    selectors = (lambda r: part_modules(r.model), ttt_modules, export_modules, train_modules)
+    return [m for select in selectors for m in select(recipe)]
+
+
+def runtime_modules(recipe: Recipe) -> list[str]:
+    """Repository-relative paths of every module the submission for `recipe` imports."""
+    todo = [*ENTRY_MODULES, *_selected_modules(recipe)]
     seen: set[str] = set()
     while todo:
         module = todo.pop()
@@ -247,14 +262,24 @@ class GeneratedScript:
         return len(self.text.encode("utf-8"))
 
 
+def shipped_sources(recipe: Recipe) -> dict[str, str]:
+    """{repository-relative path: source} of the modules the script for `recipe` carries, before
+    minifying: each runtime module less the definitions nothing in the bundle can reach
+    (pipeline.dead_code; the wrapper's `main` and the recipe's words are roots)."""
+    sources = {rel: (ROOT / rel).read_text(encoding="utf-8") for rel in runtime_modules(recipe)}
+    return prune(sources, _TEMPLATE + _recipe_json(recipe))
+
+
+def _recipe_json(recipe: Recipe) -> str:
+    return json.dumps(to_dict(recipe), sort_keys=True, separators=(",", ":"))
+
+
 def _payload(recipe: Recipe) -> tuple[bytes, int]:
     parts: list[bytes] = []
-    source_bytes = 0
-    for rel in runtime_modules(recipe):  # sorted: reproducible bytes
-        source = (ROOT / rel).read_text(encoding="utf-8")
-        source_bytes += len(source.encode("utf-8"))
+    source_bytes = sum(len((ROOT / rel).read_bytes()) for rel in runtime_modules(recipe))
+    for rel, source in sorted(shipped_sources(recipe).items()):  # sorted: reproducible bytes
         parts += [rel.encode(), minify_module(source).encode("utf-8")]
-    parts.append(json.dumps(to_dict(recipe), sort_keys=True, separators=(",", ":")).encode())
+    parts.append(_recipe_json(recipe).encode())
     # NUL separates: Python source cannot contain it and JSON escapes it.
     return b"\0".join(parts), source_bytes
 

@@ -29,6 +29,7 @@ from pipeline.codegen import (
     minify_module,
     render_train_gpt,
     runtime_modules,
+    shipped_sources,
     unpack_train_gpt,
     write_train_gpt,
 )
@@ -102,7 +103,8 @@ def test_the_script_carries_the_minified_modules_and_the_recipe():
     built = build_train_gpt(recipe)
     files, recipe_json = unpack_train_gpt(built.text)
     assert sorted(files) == runtime_modules(recipe)
-    assert all(files[rel] == minify_module((ROOT / rel).read_text()) for rel in files)
+    shipped = shipped_sources(recipe)  # the modules less what nothing in the bundle reaches (pipeline.dead_code)
+    assert all(files[rel] == minify_module(shipped[rel]) for rel in files)
     assert json.loads(recipe_json) == json.loads(json.dumps(to_dict(recipe)))
     assert json.loads(recipe_json)["model"]["num_layers"] == 12
     assert built.source_bytes == sum((ROOT / rel).stat().st_size for rel in files)
@@ -227,6 +229,23 @@ def test_the_script_carries_only_the_parts_its_recipe_uses():
     assert "pipeline/codegen.py" not in sidecar | recurrent
     assert not {"pipeline/cli.py", "pipeline/recipe.py", "pipeline/export/predict.py", "pipeline/plots.py",
                 "pipeline/records.py", "pipeline/run.py", "pipeline/preflight.py"} & sidecar
+
+
+def test_the_script_carries_only_what_it_runs():
+    """pgolf run's checkpointing and the cpu_workers threads are imported by name: the script for a
+    recipe without cpu_workers carries neither, and generation-time pruning drops what pgolf's other
+    commands use (tokenizer training, shard writing)."""
+    sidecar = load_recipe("sidecar48")
+    modules = set(runtime_modules(sidecar))
+    assert "pipeline/stages/train.py" in modules
+    assert not {"pipeline/stages/checkpoint.py", "pipeline/stages/cpu_workers.py"} & modules
+    threaded = set(runtime_modules(load_recipe("tiny", ["train.cpu_workers=2"])))
+    assert "pipeline/stages/cpu_workers.py" in threaded and "pipeline/stages/checkpoint.py" not in threaded
+    shipped = shipped_sources(sidecar)
+    assert "class ShardWriter" not in shipped["pipeline/data/shards.py"]
+    assert "def train_tokenizer" not in shipped["pipeline/data/tokenizer.py"]
+    assert "def load_shard" in shipped["pipeline/data/shards.py"]
+    assert "@register(\"attention\", \"causal\"" in shipped["pipeline/model/parts/attention.py"]  # registered at import
 
 
 def test_check_prints_the_code_bytes_codec_and_sizes():

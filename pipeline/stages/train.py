@@ -4,11 +4,10 @@
     TRAIN                          # the stage object of pipeline.stages.sequence
 
 One optimizer step = `reference_world_size // world_size` micro-steps, so a single process
-follows the reference 8-GPU trajectory. With a checkpoint folder the loop saves `ckpt.pt` (model,
-optimizers, EMA, grad-conditioning state, step, loader position, RNG states, elapsed training
-time, and the key it was written under) every `checkpoint_every` steps and on Ctrl-C/SIGTERM; a
-later call resumes from it only under the same key (training config, training data, code) and
-continues on the same trajectory. A signal only sets a flag: the loop stops at the next step
+follows the reference 8-GPU trajectory. With a checkpoint folder (pgolf run) the loop saves
+`ckpt.pt` every `checkpoint_every` steps and on Ctrl-C/SIGTERM, and a later call resumes from it
+on the same trajectory (pipeline.stages.checkpoint, imported by name so the shipped script, which
+has no folder, does not carry it). A signal only sets a flag: the loop stops at the next step
 boundary, so the saved state is never taken mid-step and the resumed run is bitwise the
 uninterrupted one. A non-finite loss, gradient norm or parameter stops training at that step,
 naming it; a checkpoint is written only from a finite state, so "the last good checkpoint" is good.
@@ -23,7 +22,7 @@ read every host_sync_every steps and before every log line, validation, checkpoi
 non-finite value still stops training naming the step it appeared at. Between sync points the
 clock runs on host time and the wait for the device is added at the sync, as the baseline times
 its steps; validation stays off the clock. On the CPU, cpu_workers shares a step's passes among
-threads of the process (`Trainer._passes_threaded`).
+threads of the process (pipeline.stages.cpu_workers, likewise imported by name).
 
 Runtime-pure (bundled into the submission script): imports torch/numpy and pipeline only.
 """
@@ -32,11 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import math
-import os
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +56,20 @@ from pipeline.optim.schedule import apply_schedule, lr_multiplier, muon_momentum
 from pipeline.stages.base import Context, Stage
 from pipeline.stages.ema import EMA
 
-CHECKPOINT = "ckpt.pt"
+CHECKPOINT = "ckpt.pt"  # in the checkpoint folder (pipeline.stages.checkpoint)
+CHECKPOINT_MODULE = "pipeline.stages.checkpoint"
+CPU_WORKERS_MODULE = "pipeline.stages.cpu_workers"
+# PR #684's loader (train.loader=coprime). The sequential one is imported plainly: the calibration
+# of quantization schemes reads training batches with it (pipeline.export.calibration).
+COPRIME_LOADER_MODULE = "pipeline.data.coprime_loader"
+
+
+def train_modules(recipe: Recipe) -> list[str]:
+    """The modules the train stage imports by name (importlib, so that pipeline.codegen's import scan
+    does not ship them with every recipe) that a script for `recipe` must carry: the coprime loader
+    and cpu_workers' threads when the recipe uses them. Never the checkpointer."""
+    return ([COPRIME_LOADER_MODULE] if recipe.train.loader == "coprime" else []) + \
+        ([CPU_WORKERS_MODULE] if recipe.train.cpu_workers > 1 else [])
 
 
 @dataclass
@@ -89,8 +99,7 @@ class MicroStepLoaders:
     reference multi-GPU run reads (and the gradient is the same mean over them)."""
 
     def __init__(self, recipe: Recipe, shard_paths, dist_info: DistInfo, accum: int):
-        from pipeline.data.coprime_loader import CoprimeShardLoader
-
+        CoprimeShardLoader = importlib.import_module(COPRIME_LOADER_MODULE).CoprimeShardLoader
         t, world = recipe.train, dist_info.world_size
         step_seqs = t.batch_tokens // t.seq_len
         self.loaders = [CoprimeShardLoader(shard_paths, t.seq_len, step_seqs, rank=m * world + dist_info.rank,
@@ -249,11 +258,13 @@ class Trainer:
                  log: Callable[[str], None] = print, progress: Optional[Callable] = None,
                  checkpoint_key: Optional[dict] = None):
         self.recipe, self.dist, self.log, self.progress = recipe, dist_info, log, progress
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_key = checkpoint_key if checkpoint_key is not None else {"training": training_config(recipe)}
-        self._stop_signal: Optional[int] = None
+        self.checkpoints = None
+        if out_dir is not None:
+            # Imported by name: the shipped script, which never checkpoints, does not carry it
+            # (pipeline.codegen follows import statements only).
+            key = checkpoint_key if checkpoint_key is not None else {"training": training_config(recipe)}
+            self.checkpoints = importlib.import_module(CHECKPOINT_MODULE).Checkpointer(out_dir, key, log)
+        self.stop_signal: Optional[int] = None  # set by the checkpointer's signal handler
         t = recipe.train
         self.accum = grad_accum_steps(recipe, dist_info.world_size)
         micro_tokens_global = t.batch_tokens // self.accum
@@ -296,34 +307,9 @@ class Trainer:
         self._next_sync = 0
 
     # ------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict:
-        return {"step": self.step, "train_time": self.train_time, "tokens_seen": self.tokens_seen,
-                "world_size": self.dist.world_size, "model": self.model.state_dict(),
-                "optimizers": [o.state_dict() for o in self.optimizers],
-                "ema": self.ema.state_dict() if self.ema else None, "loader": self.loader.state_dict(),
-                "grad_conditioning": self.grad_state.state_dict(), "rng": _rng_state(), "history": self.history,
-                "checkpoint_key": self.checkpoint_key}
-
-    def _rank_optim_path(self) -> Path:
-        return self.out_dir / f"optim_rank{self.dist.rank}.pt"
-
     def save_checkpoint(self) -> bool:
-        """Write the checkpoint (no-op without a folder). Refuses a non-finite state, so whatever
-        checkpoint exists is a good one; returns whether it wrote."""
-        if self.out_dir is None:
-            return False
-        bad = self.non_finite_state()
-        if bad:
-            self.log(f"checkpoint not written: {bad} is not finite; the previous checkpoint is kept")
-            return False
-        # Muon keeps each matrix's momentum only on the rank that owns it, so with several
-        # ranks every rank saves its own optimizer state beside rank 0's checkpoint.
-        if self.dist.world_size > 1:
-            _atomic_save({"step": self.step, "optimizers": [o.state_dict() for o in self.optimizers]},
-                         self._rank_optim_path())
-        if self.dist.is_main:
-            _atomic_save(self._state(), self.out_dir / CHECKPOINT)
-        return True
+        """Write the checkpoint (no-op without a folder); returns whether it wrote."""
+        return self.checkpoints is not None and self.checkpoints.save(self)
 
     def non_finite_state(self) -> Optional[str]:
         """The first parameter, EMA tensor or optimizer-state tensor holding NaN/inf, or None."""
@@ -341,52 +327,13 @@ class Trainer:
                         return f"optimizer {i} state {key}"
         return None
 
-    def try_resume(self) -> Optional[int]:
-        if self.out_dir is None:
-            return None
-        path = self.out_dir / CHECKPOINT
-        if not path.exists():
-            return None
-        state = torch.load(path, map_location=self.dist.device, weights_only=False)
-        written_under = state.get("checkpoint_key") or {}
-        if written_under != self.checkpoint_key:
-            # Never resume what another config, other data or other code produced; keep it aside.
-            changed = sorted(k for k in set(written_under) | set(self.checkpoint_key)
-                             if written_under.get(k) != self.checkpoint_key.get(k))
-            stale = path.with_name("ckpt.stale.pt")
-            os.replace(path, stale)
-            self.log(f"checkpoint {path} was written for a different {'/'.join(changed) or 'run'}; starting fresh "
-                     f"(old checkpoint kept as {stale.name})")
-            return None
-        if state.get("world_size", 1) != self.dist.world_size:
-            raise UserError(f"{path} was written by {state.get('world_size', 1)} processes; resume with the same "
-                            f"number (now {self.dist.world_size}), or delete {self.out_dir} to start over.")
-        optim_states = state["optimizers"]
-        if self.dist.world_size > 1:
-            mine = torch.load(self._rank_optim_path(), map_location=self.dist.device, weights_only=False)
-            if mine["step"] != state["step"]:
-                raise UserError(f"{self._rank_optim_path()} is from step {mine['step']}, the checkpoint from step "
-                                f"{state['step']}; delete {self.out_dir} to start over.")
-            optim_states = mine["optimizers"]
-        self.model.load_state_dict(state["model"])
-        for opt, s in zip(self.optimizers, optim_states):
-            opt.load_state_dict(s)
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.grad_state.load_state_dict(state["grad_conditioning"])
-        self.loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
-        self.step, self.train_time, self.tokens_seen = state["step"], state["train_time"], state["tokens_seen"]
-        self.history = state["history"]
-        return self.step
-
     # ------------------------------------------------------------------ one step
     def _autocast(self):
         if self.fast.autocast is not None:
             return torch.autocast(self.dist.device.type, dtype=self.fast.autocast)
         return torch.autocast(self.dist.device.type, enabled=False)
 
-    def _passes_context(self):
+    def passes_context(self):
         """Autocast and the chosen SDPA kernel around a forward/backward pass (both thread-local
         or global state that each cpu_workers thread must enter itself)."""
         stack = contextlib.ExitStack()
@@ -408,22 +355,18 @@ class Trainer:
         """One optimizer step without a host sync: returns the sum of the passes' mean losses and
         the gradient norm as device tensors (the mean loss is the sum / passes_per_step)."""
         if self.fast.cpu_workers == 1:
-            return self._step()
-        # cpu_workers: the whole step runs single-threaded inside (the passes on the workers, the
-        # optimizers here): on a shared CPU an OpenMP team stalls at every tiny kernel's barrier
-        # whenever one of its threads is descheduled, while lone threads only lose their share.
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._step()
-        finally:
-            torch.set_num_threads(threads_before)
+            return self.optimizer_step(self._passes)
+        # Imported by name, so only a script whose recipe sets train.cpu_workers > 1 carries it
+        # (train_modules; pipeline.codegen).
+        return importlib.import_module(CPU_WORKERS_MODULE).step_threaded(self)
 
-    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def optimizer_step(self, passes: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The optimizer step around `passes()`, which runs the forward/backward passes and returns
+        the sum of their mean losses."""
         r = self.recipe
         lr_mul = lr_multiplier(self.step, r.train, self.train_time)
         apply_schedule(self.optimizers, lr_mul, muon_momentum(self.step, r.optim))
-        total = self._passes_threaded() if self.fast.cpu_workers > 1 else self._passes()
+        total = passes()
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
         params = [p for _, p in named]
         if r.train.nan_to_num_grads:
@@ -455,63 +398,10 @@ class Trainer:
                 # DDP all-reduces once per step, in its last backward.
                 sync = not ddp or (micro == self.accum - 1 and c == chunks - 1)
                 ctx = self.step_model.no_sync() if not sync else _null()
-                with ctx, self._passes_context():
+                with ctx, self.passes_context():
                     loss, _aux = self.step_model(x[rows], y[rows], self.step)
                 (loss / passes).backward()
                 total += loss.detach()
-        return total
-
-    def _passes_threaded(self) -> torch.Tensor:
-        """train.cpu_workers: the step's passes (in loader order) split into contiguous shares, one
-        per thread, each thread single-threaded inside; per-thread gradient sums are added in
-        thread order, so the result is deterministic. Batches are read on this thread, in order."""
-        r = self.recipe
-        chunks = self.local_tokens // (r.train.seq_len * self.chunk_seqs)
-        batches = []
-        for _ in range(self.accum):
-            x, y = self.loader.next_batch()
-            for c in range(chunks):
-                rows = slice(c * self.chunk_seqs, (c + 1) * self.chunk_seqs)
-                batches.append((x[rows], y[rows]))
-        n, workers = len(batches), self.fast.cpu_workers
-        shares = [batches[i * n // workers:(i + 1) * n // workers] for i in range(workers)]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        results: list = [None] * workers
-
-        def work(i: int) -> None:
-            try:
-                grads, total = [None] * len(params), torch.zeros(())
-                for x, y in shares[i]:
-                    with self._passes_context():
-                        loss, _aux = self.step_model(x, y, self.step)
-                    got = torch.autograd.grad(loss / n, params, allow_unused=True)
-                    grads = [g if a is None else (a if g is None else a.add_(g)) for a, g in zip(grads, got)]
-                    total += loss.detach()
-                results[i] = (grads, total)
-            except BaseException as e:  # re-raised on the calling thread below
-                results[i] = e
-
-        helpers = [threading.Thread(target=work, args=(i,), name=f"pgolf-cpu-worker-{i}") for i in range(1, workers)]
-        try:
-            for h in helpers:
-                h.start()
-            work(0)
-        finally:
-            for h in helpers:
-                h.join()
-        for res in results:
-            if isinstance(res, BaseException):
-                raise res
-        total = torch.zeros(())
-        for p, *per_worker in zip(params, *(res[0] for res in results)):
-            got = [g for g in per_worker if g is not None]
-            if got:
-                g = got[0]
-                for more in got[1:]:
-                    g = g.add_(more)
-                p.grad = g if p.grad is None else p.grad.add_(g)
-        for _, t in results:
-            total += t
         return total
 
     # ------------------------------------------------------------------ priming
@@ -544,15 +434,13 @@ class Trainer:
         t = self.recipe.train
         self.log(f"train_setup device={self.dist.device} world_size={self.dist.world_size} accum={self.accum} "
                  f"passes_per_step={self.passes_per_step} threads={torch.get_num_threads()} {self.fast.describe()}")
-        resumed = self.try_resume()
-        if resumed is not None:
-            self.log(f"resume step={resumed} train_time={self.train_time:.1f}s from={self.out_dir / CHECKPOINT}")
-        else:
+        resumed = self.checkpoints.resume(self) if self.checkpoints is not None else None
+        if resumed is None:
             self.prime()
         last_good = resumed
         self.stopped_by = "max_steps"
         self._pending = []
-        restore = self._catch_signals()
+        restore = self.checkpoints.catch_signals(self) if self.checkpoints is not None else (lambda: None)
         try:
             while self.step < t.max_steps:
                 # Stop decisions need the same state on every rank: taken at a sync point (nothing
@@ -562,9 +450,10 @@ class Trainer:
                     if stop:
                         # A signal arrived during the last step: stop here, at a step boundary.
                         self._drain(validate, last_good)
+                        # (only a checkpointer installs the handler that sets the flag)
                         saved = self.save_checkpoint()
                         self.log(f"interrupted at step={self.step}; " + ("checkpoint saved, rerun to resume" if saved
-                                                                          else "no checkpoint (none configured)"))
+                                                                          else "checkpoint not written"))
                         raise KeyboardInterrupt
                     if t.max_wallclock_s and train_time >= t.max_wallclock_s:
                         self.log(f"stopping_early: wallclock_cap train_time={self.train_time:.1f}s step={self.step}")
@@ -592,7 +481,7 @@ class Trainer:
             self._drain(validate, last_good)
             self.save_checkpoint()
         except KeyboardInterrupt:
-            if self._stop_signal is None:
+            if self.stop_signal is None:
                 # Raised mid-step (a second Ctrl-C): that state is not a step boundary, so nothing
                 # is saved; the last scheduled checkpoint stays the resume point.
                 self.log(f"interrupted inside step {self.step + 1}; resume point: "
@@ -622,7 +511,7 @@ class Trainer:
                 or (stop_at_step is not None and s >= stop_at_step)
                 # a signal is read at the next step boundary in one process; ranks read it at
                 # their next regular sync point, which they share
-                or (self.dist.world_size == 1 and self._stop_signal is not None))
+                or (self.dist.world_size == 1 and self.stop_signal is not None))
 
     def _drain(self, validate, last_good: Optional[int]) -> None:
         """The sync point: wait for the device (timed as training), read every pending step's loss,
@@ -643,33 +532,10 @@ class Trainer:
             self._after_step(p, loss, grad_norm, validate)
 
     # ------------------------------------------------------------------ interruption and health
-    def _catch_signals(self) -> Callable[[], None]:
-        """SIGINT/SIGTERM set a flag the loop reads at the next step boundary; a second signal
-        interrupts at once. Returns a function restoring the previous handlers."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None  # handlers can only be installed from the main thread
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum, frame):
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            self.log(f"signal {signal.Signals(signum).name}: stopping after step {self.step + 1} "
-                     "(send it again to stop at once)")
-
-        for sig in previous:
-            signal.signal(sig, handler)
-
-        def restore() -> None:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-        return restore
-
     def _collective_state(self) -> tuple[float, bool]:
         """(max training time over ranks, whether any rank was signalled): one all-reduce, so every
         rank stops at the same step boundary."""
-        stop = self._stop_signal is not None
+        stop = self.stop_signal is not None
         if self.dist.world_size == 1 or not torch.distributed.is_initialized():
             return self.train_time, stop
         both = torch.tensor([self.train_time, float(stop)], dtype=torch.float64, device=self.dist.device)
@@ -698,7 +564,7 @@ class Trainer:
         if what is None:
             return
         if last_good is not None:
-            where = (f"the last good checkpoint (step {last_good}) is kept at {self.out_dir / CHECKPOINT}; a rerun "
+            where = (f"the last good checkpoint (step {last_good}) is kept at {self.checkpoints.path}; a rerun "
                      "resumes from it")
         else:
             where = "no checkpoint had been written yet"
