@@ -150,7 +150,10 @@ def main() -> None:
     def swap_tokenizer(root):
         shutil.copytree(data, root / "mixed")
         other = root / "other.txt"
-        other.write_text((REPO / "README.md").read_text() * 6)
+        # another text, written in few distinct characters (a 320-piece tokenizer must cover them all)
+        rng = random.Random(1)
+        words = "a second text with other words in it so that its tokenizer differs from the first".split()
+        other.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(3000)) + "\n")
         assert pgolf(["data", "prepare", "--text", "other.txt", "--out", "o", "--vocab", "320"], root).returncode == 0
         shutil.copyfile(root / "o" / "tokenizer.model", root / "mixed" / "tokenizer.model")
 

@@ -116,7 +116,8 @@ def check(recipe, seed, overrides):
     with torch.device("meta"):
         model = build_model(r.model)
     click.echo(f"recipe={r.name} trunk={r.model.trunk} causal={not r.model.leaky_selective_state}")
-    figures = model_figures(model, r.quant.rules, r.package)  # params=, params_*, predicted_bytes_*
+    # the whole quant section, so LQER's factors are predicted too
+    figures = model_figures(model, r.quant, r.package)  # params=, params_*, predicted_bytes_*
     for key, value in figures.items():
         click.echo(f"{key}={value}")
     script = build_train_gpt(r)
@@ -130,7 +131,7 @@ def check(recipe, seed, overrides):
     click.echo(f"cap_bytes={r.package.cap_bytes} predicted_headroom={r.package.cap_bytes - total}")
     click.echo("note: predicted_bytes_* compress Gaussian stand-ins at untrained scale (matrices ~N(0, 0.02^2)); "
                "under a quantization scale floor trained weights, being larger, compress less:")
-    curve, cap_rms = size_vs_rms(named_shapes_of(model), r.quant.rules, r.package, code, roles=param_roles(model))
+    curve, cap_rms = size_vs_rms(named_shapes_of(model), r.quant, r.package, code, roles=param_roles(model))
     for rms, nbytes in curve:
         click.echo(f"predicted_bytes_total_at_rms_{rms:g}={nbytes}")
     if cap_rms is None:

@@ -35,9 +35,10 @@ from pipeline.stages.train import CHECKPOINT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# frontier at 2 layers x 32: the loop is layer 0 x 3 (virtual order 0 0 0 1), layer 1 two-lane.
+# frontier at 2 layers x 32: the loop is layer 0 x 3 (virtual order 0 0 0 1), layer 1 two-lane; LoRA TTT chunks
+# that fit conftest's 32-token windows.
 TINY_FRONTIER = ("model.loop.start=0", "model.loop.end=0", "model.parallel.start_layer=1", "model.rope.dims=8",
-                 "model.loop.enable_at=0.5", "train.prime_steps=0")
+                 "model.loop.enable_at=0.5", "train.prime_steps=0", "ttt.lora_chunk_tokens=16")
 
 
 def tiny_cfg(**changes):

@@ -13,6 +13,7 @@ import json
 import pytest
 
 from conftest import SMALL_VOCAB
+from pipeline.export.packagers import lrzip_available
 from pipeline.distributed import init
 from pipeline.errors import UserError
 from pipeline.recipe import load_recipe
@@ -31,9 +32,28 @@ SIDECAR48 = COMMON + ("model.num_layers=5", "model.model_dim=32", "model.num_hea
 DEPTH_RECURRENT = COMMON + ("model.model_dim=32", "model.num_heads=4", "model.num_kv_heads=2",
                             "model.recurrent.k_rank=8", "model.recurrent.td_rank=4", "model.recurrent.gru_rank=4")
 # 3 layers: the plain order 0 | 1 2 and, from step 3 on, 0 1 | 1 1 2 (layer 1 looped x3); layer 2 two-lane.
+# GPTQ on 4 calibration batches; phased LoRA TTT at rank 4 in 8-token chunks, phases after 2 / 4 / 6 of the
+# validation documents (`docs_data`).
 FRONTIER = COMMON + ("model.num_layers=3", "model.model_dim=32", "model.num_heads=4", "model.num_kv_heads=2",
                      "model.rope.dims=4", "model.loop.start=1", "model.loop.end=1", "model.loop.enable_at=0.5",
-                     "model.parallel.start_layer=2", "ttt.chunk_tokens=256", "ttt.epochs=1")
+                     "model.parallel.start_layer=2", "quant.calibration_batches=4", "ttt.lora_rank=4",
+                     "ttt.lora_chunk_tokens=8", "ttt.lora_batch_docs=4", "ttt.phase_prefix_docs=6",
+                     "ttt.chunk_tokens=256")
+
+
+@pytest.fixture(scope="module")
+def docs_data(tmp_path_factory):
+    """`small_text` as documents of 6 lines, BOS before each (phased TTT needs documents; a text export's
+    validation split is one)."""
+    from conftest import small_text
+    from pipeline.data.prepare import prepare_jsonl
+
+    root = tmp_path_factory.mktemp("docs_data")
+    lines = small_text().splitlines()
+    docs = ["\n".join(lines[i:i + 6]) for i in range(0, len(lines), 6)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare_jsonl(root / "docs.jsonl", root / "prepared", vocab_size=SMALL_VOCAB, val_docs=40)
+    return root / "prepared"
 
 
 def _run(name, sets, small_data, tmp_path):
@@ -110,11 +130,17 @@ def test_depth_recurrent_pr298_eval_mode_and_int8_zlib_export(small_data, tmp_pa
     assert any("Serialized model" in line and "zlib" in line for line in lines)
 
 
-def test_frontier_every_part_end_to_end(small_data, tmp_path):
+@pytest.mark.usefixtures("one_thread")  # tiny tensors: 2 intra-op threads took 99 s here, one 19 s
+def test_frontier_every_part_end_to_end(docs_data, tmp_path):
     # Looped layers, two-lane parallel decoder, gated skips, the BOS-masked SmearGate, XSA, the sparse
     # attention gate, LeakyReLU^2, Polar Express MuonEq-R Muon, the embedding decay, the LR floor,
-    # EMA 0.9965, int6 export, score-first TTT.
-    recipe, report, lines = _run("frontier", FRONTIER, small_data, tmp_path)
+    # EMA 0.9965, GPTQ int6/int7 with SD-clip, int8 attention gates, LQER, the per-group packer
+    # (lrzip where installed), phased LoRA TTT.
+    # Without the lrzip program (a machine without the Debian package) the recipe's per-group packer
+    # cannot run; every other part still does, packed with the byte-shuffled brotli it compares against.
+    lrzip = lrzip_available()
+    sets = FRONTIER if lrzip else FRONTIER + ("package.compressor=brotli_shuffle", "package.compare_compressors=[]")
+    recipe, report, lines = _run("frontier", sets, docs_data, tmp_path)
     m, o = recipe.model, recipe.optim
     assert (m.trunk, m.attention, m.mlp, m.parallel.mode, m.input_smear.mask_bos) == \
         ("looped_gpt", "xsa", "leaky_relu2", "two_lane", True)
@@ -123,6 +149,17 @@ def test_frontier_every_part_end_to_end(small_data, tmp_path):
     assert report["steps"] == 6 and report["ttt_compliant"] is True and report["causal"] is True
     assert report["val_bpb"] == report["val_bpb_ttt"] and 0 < report["val_bpb"] < 20
     (manifest,) = list((tmp_path / "frontier").glob("*/seed1337/export/manifest.json"))
-    plan = {row["name"]: row["scheme"] for row in json.loads(manifest.read_text())["outputs"]["plan"]}
-    assert {plan[k] for k in ("lane_post", "skip_gates", "smear.gate.weight", "blocks.2.attn.attn_gate")} == {"fp32"}
-    assert any(line.startswith("ttt_exact mode=score_first") for line in lines)
+    plan = {row["name"]: row for row in json.loads(manifest.read_text())["outputs"]["plan"]}
+    scheme = {k: row["scheme"] for k, row in plan.items()}
+    assert {scheme[k] for k in ("lane_post", "skip_gates", "smear.gate.weight")} == {"fp16"}
+    assert scheme["blocks.2.attn.attn_gate"] == "int8"
+    assert (scheme["blocks.0.attn.c_q.weight"], plan["blocks.0.attn.c_q.weight"]["clip_sigmas"]) == ("gptq6", 13.0)
+    assert (scheme["blocks.1.mlp.fc.weight"], plan["blocks.1.mlp.fc.weight"]["clip_sigmas"]) == ("gptq6", 11.5)
+    assert (scheme["tok_emb.weight"], plan["tok_emb.weight"]["clip_sigmas"]) == ("gptq7", 14.0)
+    assert sum(1 for row in plan.values() if row.get("lqer_rank")) == 3  # LQER's top 3
+    (blob,) = list((tmp_path / "frontier").glob("*/seed1337/export/model.bin"))
+    # pergroup frames its streams with b"PGRP"; brotli_shuffle is a bare brotli stream
+    assert (blob.read_bytes()[:4] == b"PGRP") == lrzip
+    assert any(line.startswith("calibration schemes=gptq6,gptq7") for line in lines)
+    assert sum(line.startswith("ttt_phase ") for line in lines) == 3
+    assert any(line.startswith("ttt_exact mode=phased_lora") for line in lines)

@@ -160,12 +160,17 @@ def gptq_codes(w2: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qma
     H.diagonal().add_(damp * float(torch.diagonal(H).mean()))
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     W, H = W[:, perm], H[perm][:, perm]
+    s = scale.float().reshape(rows)
+    if not bool(torch.count_nonzero(H - torch.diag(torch.diagonal(H)))):
+        # Uncorrelated inputs (the size predictor's identity stand-in): U is diagonal, no error reaches
+        # another column and the loop below rounds to nearest; the same codes, without its cols steps.
+        Q = torch.round(W / s.unsqueeze(1)).clamp_(-qmax, qmax).to(torch.int8)
+        return Q[:, torch.argsort(perm)].contiguous()
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     except torch.linalg.LinAlgError as e:
         raise GPTQError(f"tensor {name!r}: its damped Hessian is not positive definite ({e}); the calibration "
                         "is corrupt (NaN/inf activations?) — retrain, or quantize it with a plain int scheme") from None
-    s = scale.float().reshape(rows)
     Q = torch.zeros(rows, cols, dtype=torch.int8)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)

@@ -135,7 +135,8 @@ def _with_lqer(plan: list[dict], rules, named_shapes: Mapping[str, tuple]) -> li
 def model_figures(model: torch.nn.Module, rules, cfg: PackageConfig) -> dict[str, int]:
     """What `pgolf check` prints about the model itself, in its order: params=, params_<scheme>=
     (elements per plan scheme), predicted_bytes_<group>= (and header) and predicted_bytes_model=.
-    `model` may live on the meta device; the plan reads its parameters' declared roles."""
+    `model` may live on the meta device; the plan reads its parameters' declared roles. `rules`: a
+    whole QuantConfig (as `check` passes it) also predicts its LQER factors."""
     from pipeline.export.plan import named_shapes_of
     from pipeline.model.roles import param_roles
 

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from pipeline.errors import UserError
-from pipeline.stages.train import CHECKPOINT, _atomic_save, _rng_state, _set_rng_state
+from pipeline.stages.train import CHECKPOINT, atomic_save, rng_state, set_rng_state
 
 
 class Checkpointer:
@@ -46,7 +46,7 @@ class Checkpointer:
                 "world_size": tr.dist.world_size, "model": tr.model.state_dict(),
                 "optimizers": [o.state_dict() for o in tr.optimizers],
                 "ema": tr.ema.state_dict() if tr.ema else None, "loader": tr.loader.state_dict(),
-                "grad_conditioning": tr.grad_state.state_dict(), "rng": _rng_state(), "history": tr.history,
+                "grad_conditioning": tr.grad_state.state_dict(), "rng": rng_state(), "history": tr.history,
                 "checkpoint_key": self.key}
 
     def save(self, tr) -> bool:
@@ -57,10 +57,10 @@ class Checkpointer:
             self.log(f"checkpoint not written: {bad} is not finite; the previous checkpoint is kept")
             return False
         if tr.dist.world_size > 1:
-            _atomic_save({"step": tr.step, "optimizers": [o.state_dict() for o in tr.optimizers]},
+            atomic_save({"step": tr.step, "optimizers": [o.state_dict() for o in tr.optimizers]},
                          self._rank_optim_path(tr.dist.rank))
         if tr.dist.is_main:
-            _atomic_save(self._state(tr), self.path)
+            atomic_save(self._state(tr), self.path)
         return True
 
     def resume(self, tr) -> Optional[int]:
@@ -99,7 +99,7 @@ class Checkpointer:
             tr.ema.load_state_dict(state["ema"])
         tr.grad_state.load_state_dict(state["grad_conditioning"])
         tr.loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         tr.step, tr.train_time, tr.tokens_seen = state["step"], state["train_time"], state["tokens_seen"]
         tr.history = state["history"]
         self.log(f"resume step={tr.step} train_time={tr.train_time:.1f}s from={path}")

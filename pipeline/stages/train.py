@@ -141,12 +141,12 @@ def training_config(recipe: Recipe) -> dict:
     return {k: to_dict(getattr(recipe, k)) for k in ("model", "train", "optim", "ema")} | {"seed": recipe.seed}
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
@@ -154,7 +154,7 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -415,7 +415,7 @@ class Trainer:
                                   "opt": [o.state_dict() for o in self.optimizers],
                                   "ema": self.ema.state_dict() if self.ema else None,
                                   "grad_conditioning": self.grad_state.state_dict(),
-                                  "loader": self.loader.state_dict(), "rng": _rng_state()})
+                                  "loader": self.loader.state_dict(), "rng": rng_state()})
         for _ in range(n):
             self.train_step()
         self.model.load_state_dict(snapshot["model"])
@@ -425,7 +425,7 @@ class Trainer:
             self.ema.load_state_dict(snapshot["ema"])
         self.grad_state.load_state_dict(snapshot["grad_conditioning"])
         self.loader.load_state_dict(snapshot["loader"])
-        _set_rng_state(snapshot["rng"])
+        set_rng_state(snapshot["rng"])
         self.tokens_seen = 0
         self.log(f"priming_done steps={n} time={time.perf_counter() - t0:.1f}s (compiles; state restored; not timed)")
 
@@ -667,7 +667,7 @@ def _run_train_stage(ctx: Context) -> dict:
     weights = ctx.path("train", WEIGHTS)
     if ctx.dist.is_main:
         weights.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save({k: v.detach().cpu() for k, v in exported.state_dict().items()}, weights)
+        atomic_save({k: v.detach().cpu() for k, v in exported.state_dict().items()}, weights)
         if calibration is not None:
             save_calibration(calibration, ctx.path("train", CALIBRATION))
     barrier(ctx.dist)
