@@ -168,9 +168,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(recipe: Recipe, dist_info: DistInfo, steps: int, warmup: int, eval_tokens: int = 0,
+# Marks a folder of synthetic shards as bench's own: it may rewrite it, and never another folder.
+BENCH_MARKER = ".pgolf_bench"
+
+
+def _claim_data_dir(data_dir: Path) -> None:
+    """Make `data_dir` bench's own folder: new or empty, or written by an earlier bench (whose shards
+    are removed, so no leftover shard joins this run). Raises UserError for any other folder: bench
+    never writes over data it did not make (a real dataset passed here by mistake stays intact)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if (data_dir / BENCH_MARKER).exists():
+        for old in data_dir.glob("fineweb_*.bin"):
+            old.unlink()
+    elif any(data_dir.iterdir()):
+        raise UserError(f"--data-dir {data_dir} is not empty and was not made by pgolf bench, which writes "
+                        f"synthetic shards there; give a new or empty folder (your data is left as it is).")
+    (data_dir / BENCH_MARKER).write_text("synthetic shards written by pgolf bench\n")
+
+
+def bench(recipe: Recipe, dist_info: DistInfo, steps: int, warmup: int, eval_tokens: Optional[int] = None,
           data_dir: Optional[Path] = None, echo: Callable[[str], None] = print) -> dict:
-    """Run the benchmark and echo its key=value lines; returns them as a dict."""
+    """Run the benchmark and echo its key=value lines; returns them as a dict. `eval_tokens`: synthetic
+    validation tokens (None: 64 x eval.seq_len; at least eval.seq_len). Raises UserError for settings
+    it cannot run, before any step."""
     from eval.byte_tables import ByteTables
     from eval.scorer import evaluate
     from pipeline.stages.train import Trainer
@@ -187,10 +207,15 @@ def bench(recipe: Recipe, dist_info: DistInfo, steps: int, warmup: int, eval_tok
         out.update(kv)
         echo(" ".join(f"{k}={v}" for k, v in kv.items()))
 
-    eval_tokens = eval_tokens or 64 * e.seq_len
+    eval_tokens = 64 * e.seq_len if eval_tokens is None else eval_tokens
+    if eval_tokens < e.seq_len:
+        raise UserError(f"--eval-tokens {eval_tokens} is fewer than one eval window (eval.seq_len={e.seq_len}); "
+                        f"give at least {e.seq_len}, or leave it out for {64 * e.seq_len}.")
     with contextlib.ExitStack() as stack:
         if data_dir is None:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pgolf_bench_")))
+        else:
+            _claim_data_dir(Path(data_dir))
         train_tokens = max(2 * t.batch_tokens, 8 * (t.seq_len + 2))
         write_synthetic_shards(data_dir, recipe.model.vocab_size, train_tokens, eval_tokens + 1, seed=recipe.seed)
         trainer = Trainer(recipe, list_shards(data_dir, "train"), None, dist_info, log=lambda s: None)

@@ -113,9 +113,11 @@ def check(recipe, seed, overrides):
     from pipeline.model.roles import param_roles
 
     r = load_recipe(recipe, overrides, seed)
+    fast = _check_fast_paths(r)  # refuses here what `run` would refuse on this machine
     with torch.device("meta"):
         model = build_model(r.model)
     click.echo(f"recipe={r.name} trunk={r.model.trunk} causal={not r.model.leaky_selective_state}")
+    click.echo(f"fast_paths {fast}")
     # the whole quant section, so LQER's factors are predicted too
     figures = model_figures(model, r.quant, r.package)  # params=, params_*, predicted_bytes_*
     for key, value in figures.items():
@@ -136,22 +138,41 @@ def check(recipe, seed, overrides):
         click.echo(f"predicted_bytes_total_at_rms_{rms:g}={nbytes}")
     if cap_rms is None:
         click.echo(f"cap_rms=none (fits at every RMS up to {curve[-1][0]:g})")
+    elif curve[0][1] > r.package.cap_bytes:
+        click.echo(f"cap_rms=none (over the cap already at RMS {curve[0][0]:g}, the smallest tried)")
     else:
         click.echo(f"cap_rms={cap_rms:.3f} (int6/int8 tensors with a larger RMS after training would not fit)")
     _check_memory(r)
+
+
+def _run_device():
+    """The device and world size `pgolf run` would use here (as launched: WORLD_SIZE, LOCAL_RANK)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    return device, int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_fast_paths(r) -> str:
+    """The fast paths `run` would resolve on this machine (pipeline.stages.fast_paths), with its
+    UserError for a combination that cannot run here (a CUDA kernel on the CPU, cpu_workers with too
+    few passes, ...), so `check` refuses what `run` would."""
+    from pipeline.preflight import micro_batch_plan
+    from pipeline.stages.fast_paths import resolve_fast_paths
+
+    device, world = _run_device()
+    return resolve_fast_paths(r, device, world, micro_batch_plan(r, world).passes).describe()
 
 
 def _check_memory(r) -> None:
     """`check`'s memory lines: one training process's predicted peak on the device `pgolf run`
     would pick here (WORLD_SIZE processes), the memory available to it, and whether the
     preflight would let it start (pipeline.preflight)."""
-    import torch
 
     from pipeline.preflight import available_memory, estimate_memory, fitting_micro_batch, needed_bytes
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device, world = _run_device()
     est = estimate_memory(r, world, device.type)
     click.echo(f"memory_device={device.type} memory_world_size={world} memory_seqs_per_pass={est.chunk_seqs} "
                f"memory_passes_per_step={est.accum * (est.local_seqs // est.chunk_seqs)} memory_seq_len={est.seq_len}")
@@ -199,10 +220,11 @@ def audit(recipe, seed, overrides):
               help="Timed training steps after the warm-up (0: the eval pass only).")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
               help="Warm-up steps before the timed ones (compilation happens here), reported apart.")
-@click.option("--eval-tokens", type=click.IntRange(min=0), default=0,
-              help="Synthetic validation tokens for the eval pass (default 64 x eval.seq_len).")
+@click.option("--eval-tokens", type=click.IntRange(min=1), default=None,
+              help="Synthetic validation tokens for the eval pass, at least eval.seq_len (default 64 x eval.seq_len).")
 @click.option("--data-dir", type=OUTPUT_DIR, default=None,
-              help="Keep the synthetic shards here (fineweb_{train,val}_*.bin) instead of a temporary folder.")
+              help="Keep the synthetic shards here (fineweb_{train,val}_*.bin) instead of a temporary folder: a new "
+                   "or empty folder, or one an earlier bench wrote (never a folder holding other files).")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @seed_opt
 @set_opt

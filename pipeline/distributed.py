@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,8 @@ def init(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
+        raise UserError(f"device {device!r} is not a device; use auto, cpu, cuda or cuda:N.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
     if str(device).startswith("cuda"):

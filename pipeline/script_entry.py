@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from pipeline import distributed
@@ -69,14 +69,24 @@ def default_tokenizer(data_dir: Path, vocab_size: int) -> Path:
     return beside if beside.exists() else Path(f"./data/tokenizers/fineweb_{vocab_size}_bpe.model")
 
 
+def env_seed(text: str) -> int:
+    """SEED from the environment, held to the recipe's own bounds for `seed` (dataclasses.replace
+    would skip them). Raises UserError naming the value and the range."""
+    rules = next(f.metadata["constraints"] for f in fields(Recipe) if f.name == "seed")
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = None
+    if seed is None or not rules["ge"] <= seed <= rules["le"]:
+        raise UserError(f"SEED={text!r} is not a seed; give a whole number from {rules['ge']} to {rules['le']}.")
+    return seed
+
+
 def main(recipe_json: str, script_path: str) -> None:
     recipe = from_dict(Recipe, json.loads(recipe_json))
     try:
         if os.environ.get("SEED"):
-            try:
-                recipe = replace(recipe, seed=int(os.environ["SEED"]))
-            except ValueError:
-                raise UserError(f"SEED={os.environ['SEED']!r} is not an integer") from None
+            recipe = replace(recipe, seed=env_seed(os.environ["SEED"]))
         data_dir = Path(os.environ.get("DATA_PATH", f"./data/datasets/fineweb10B_sp{recipe.model.vocab_size}"))
         run_script(recipe, script_path, data_dir, os.environ.get("TOKENIZER_PATH") or None,
                    Path(os.environ.get("OUT_DIR", ".")), os.environ.get("RUN_ID", ""),

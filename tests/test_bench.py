@@ -79,6 +79,30 @@ def test_bench_eval_only_and_user_errors(tmp_path, one_thread):
     assert bad.returncode == 2 and "train.attention_kernel=efficient is a CUDA kernel" in bad.stderr
 
 
+def test_bench_never_writes_over_a_folder_it_did_not_make(tmp_path, one_thread):
+    real = tmp_path / "real"
+    real.mkdir()
+    for name in ("fineweb_train_000000.bin", "fineweb_train_000005.bin", "fineweb_val_000000.bin"):
+        (real / name).write_bytes(b"REAL")
+    proc = cli_inprocess("bench", "tiny", "--steps", "0", "--warmup", "0", "--device", "cpu", "--data-dir", str(real),
+                         *sets(), cwd=tmp_path)
+    assert proc.returncode == 2 and "is not empty and was not made by pgolf bench" in proc.stderr
+    assert sorted(p.read_bytes() for p in real.iterdir()) == [b"REAL"] * 3  # untouched
+    mine = tmp_path / "mine"
+    for _ in range(2):  # a folder bench made is bench's to rewrite
+        again = cli_inprocess("bench", "tiny", "--steps", "0", "--warmup", "0", "--device", "cpu", "--eval-tokens",
+                              "256", "--data-dir", str(mine), *sets(), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr[-2000:]
+    assert (mine / ".pgolf_bench").exists() and len(list(mine.glob("fineweb_val_*.bin"))) == 1
+
+
+def test_bench_eval_tokens_below_one_window_are_refused_before_training(tmp_path):
+    zero = cli_inprocess("bench", "tiny", "--eval-tokens", "0", *sets(), cwd=tmp_path)
+    assert zero.returncode == 2 and "--eval-tokens" in zero.stderr
+    few = cli_inprocess("bench", "tiny", "--eval-tokens", "5", "--device", "cpu", *sets(), cwd=tmp_path)
+    assert few.returncode == 2 and "fewer than one eval window" in few.stderr and "step_ms" not in few.stdout
+
+
 def test_synthetic_shards_are_challenge_format_with_bos(tmp_path):
     from pipeline.bench import BOS_ID, write_synthetic_shards
     from pipeline.data.shards import list_shards, load_shard, read_header

@@ -134,6 +134,13 @@ def test_check_baseline_params(tmp_path):
     assert re.search(r"^cap_rms=none ", proc.stdout, re.M)
 
 
+def test_check_over_the_cap_at_every_rms_says_so(tmp_path):
+    # it printed cap_rms=0.020 ("a larger RMS would not fit"), as if 0.02 fitted
+    proc = cli_inprocess("check", "tiny", "--set", "package.cap_bytes=100000", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^cap_rms=none \(over the cap already at RMS 0.02, the smallest tried\)$", proc.stdout, re.M)
+
+
 def test_check_sidecar48_reports_the_rms_that_fits(tmp_path):
     proc = cli_inprocess("check", "sidecar48", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -17,7 +17,8 @@ import torch
 from conftest import make_trainer, tiny_recipe
 from pipeline.errors import NonFiniteLossError, UserError
 from pipeline.model.gpt import UNetGPT
-from pipeline.stages.train import CHECKPOINT, resolve_fast_paths
+from pipeline.stages.fast_paths import resolve_fast_paths
+from pipeline.stages.train import CHECKPOINT
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

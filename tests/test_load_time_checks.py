@@ -33,6 +33,20 @@ def test_check_refuses_what_run_would_fail_on(tmp_path, assignment, fragment):
     assert proc.stdout == ""  # refused before the model is built
 
 
+@pytest.mark.parametrize("assignment, fragment", [
+    # `check` printed memory_fits=true; `run` and `bench` refused them on this machine
+    ("train.cpu_workers=2", "train.cpu_workers=2 cannot be used here: a step has 1 pass(es) to share"),
+    ("train.attention_kernel=cudnn", "train.attention_kernel=cudnn is a CUDA kernel"),
+])
+def test_check_refuses_fast_paths_this_machine_cannot_run(tmp_path, assignment, fragment):
+    if "CUDA kernel" in fragment:
+        pytest.importorskip("torch").cuda.is_available() and pytest.skip("a CUDA machine can run it")
+    proc = cli_inprocess("check", "tiny", "--set", assignment, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {fragment}")
+    assert proc.stdout == ""  # refused before the model is built
+
+
 def test_run_refuses_before_any_work(tmp_path):
     proc = cli_inprocess("run", "tiny", "--data", str(tmp_path / "no_data"), "--set", "train.log_every=0",
                          cwd=tmp_path)

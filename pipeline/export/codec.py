@@ -206,15 +206,15 @@ def dequantize_tensor(entries: dict[str, torch.Tensor], name: str, scheme: str,
     spec = get_scheme(scheme)
     if spec is None:
         raise ArtifactError(f"artifact tensor {name!r} has unknown scheme {scheme!r}; "
-                            "it was written by an incompatible pgolf, re-run `pgolf package`")
+                            "it was written by an incompatible pgolf, re-run `pgolf run`")
     for e in spec.layout(name, tuple(shape), dtype):
         if e.key not in entries:
             raise ArtifactError(f"artifact is missing entry {e.key!r} for tensor {name!r}; "
-                                "the blob is corrupt, re-run `pgolf package`")
+                                "the blob is corrupt, re-run `pgolf run`")
         if entries[e.key].numel() != math.prod(e.shape):
             raise ArtifactError(f"artifact tensor {name!r}: entry {e.key!r} has {entries[e.key].numel()} elements, "
                                 f"header shape {shape} needs {math.prod(e.shape)}; the blob is corrupt, "
-                                "re-run `pgolf package`")
+                                "re-run `pgolf run`")
     return spec.decode(entries, name, dtype, shape)
 
 
@@ -398,19 +398,19 @@ def decompress(blob: bytes) -> bytes:
             return zstandard.ZstdDecompressor().decompress(blob)
         except zstandard.ZstdError as e:
             raise ArtifactError(f"artifact zstd frame is truncated or corrupt ({e}); "
-                                "re-run `pgolf package`") from None
+                                "re-run `pgolf run`") from None
     if len(blob) >= 2 and blob[0] & 0x0F == 8 and (blob[0] * 256 + blob[1]) % 31 == 0:
         try:
             return zlib.decompress(blob)
         except zlib.error as e:
             raise ArtifactError(f"artifact zlib stream is truncated or corrupt ({e}); "
-                                "re-run `pgolf package`") from None
+                                "re-run `pgolf run`") from None
     what = ("artifact is neither a zstd frame nor a zlib stream (bad magic bytes "
             f"{bytes(blob[:4]).hex() or 'none: empty file'})")
     try:
         packagers = extension(PACKAGER_MODULE)
     except ArtifactError:  # a zstd/zlib recipe's script carries no other reader
-        raise ArtifactError(f"{what}; re-run `pgolf package`") from None
+        raise ArtifactError(f"{what}; re-run `pgolf run`") from None
     return packagers.decompress(blob, what)
 
 
@@ -456,16 +456,16 @@ def parse_container(buf: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]
     safetensors library. Every offset and size is checked before any byte is read."""
     if len(buf) < 8:
         raise ArtifactError(f"artifact container is {len(buf)} bytes, too short for a "
-                            "header; the blob is corrupt, re-run `pgolf package`")
+                            "header; the blob is corrupt, re-run `pgolf run`")
     (hlen,) = struct.unpack_from("<Q", buf, 0)
     if hlen > len(buf) - 8:
         raise ArtifactError(f"artifact header claims {hlen} bytes but only {len(buf) - 8} "
-                            "follow; the blob is truncated, re-run `pgolf package`")
+                            "follow; the blob is truncated, re-run `pgolf run`")
     try:
         header = json.loads(bytes(buf[8:8 + hlen]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ArtifactError(f"artifact header is not valid JSON ({e}); "
-                            "the blob is corrupt, re-run `pgolf package`") from None
+                            "the blob is corrupt, re-run `pgolf run`") from None
     if not isinstance(header, dict):
         raise ArtifactError("artifact header is not a JSON object; the blob is corrupt")
     metadata = header.pop("__metadata__", None) or {}
@@ -481,13 +481,13 @@ def parse_container(buf: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]
             shape = [int(d) for d in shape]
         except (KeyError, TypeError, ValueError):
             raise ArtifactError(f"artifact header entry {name!r} is malformed ({info!r}); "
-                                "the blob is corrupt, re-run `pgolf package`") from None
+                                "the blob is corrupt, re-run `pgolf run`") from None
         numel = math.prod(shape)
         if min(shape, default=0) < 0 or not (0 <= begin <= end <= data_len) \
                 or end - begin != numel * np_dtype.itemsize:
             raise ArtifactError(f"artifact tensor {name!r} has offsets [{begin}, {end}) that "
                                 f"do not fit shape {shape} {tag} in {data_len} data bytes; "
-                                "the blob is corrupt or truncated, re-run `pgolf package`")
+                                "the blob is corrupt or truncated, re-run `pgolf run`")
         arr = np.frombuffer(buf, dtype=np_dtype, count=numel, offset=base + begin) \
             if numel else np.empty(0, dtype=np_dtype)
         # copy: the result must own writable memory, not alias the (read-only) blob
@@ -500,13 +500,13 @@ def read_header(metadata: dict[str, str]) -> dict:
     """The pgolf header from a container's metadata; refuses other formats and newer versions."""
     if METADATA_KEY not in metadata:
         raise ArtifactError(f"artifact has no {METADATA_KEY!r} metadata: it is not a "
-                            f"{FORMAT_NAME} blob; re-run `pgolf package`")
+                            f"{FORMAT_NAME} blob; re-run `pgolf run`")
     try:
         doc = json.loads(metadata[METADATA_KEY])
         fmt, version, manifest = doc["format"], doc["version"], doc["tensors"]
     except (ValueError, KeyError, TypeError):
         raise ArtifactError(f"artifact {METADATA_KEY!r} metadata is malformed; "
-                            "the blob is corrupt, re-run `pgolf package`") from None
+                            "the blob is corrupt, re-run `pgolf run`") from None
     if fmt != FORMAT_NAME:
         raise ArtifactError(f"artifact format is {fmt!r}, expected {FORMAT_NAME!r}; "
                             "this reader cannot load it")

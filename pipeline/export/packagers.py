@@ -87,7 +87,7 @@ def byte_unshuffle(data: bytes) -> bytes:
     """Inverse of byte_shuffle (data starts with the BSHF magic)."""
     if len(data) < 5 or data[:4] != BSHF or data[4] < 1:
         raise ArtifactError("artifact's byte-shuffled payload has a bad BSHF header; the blob is corrupt, "
-                            "re-run `pgolf package`")
+                            "re-run `pgolf run`")
     stride, payload = data[4], np.frombuffer(data, dtype=np.uint8, offset=5)
     out, start = np.empty_like(payload), 0
     for k in range(stride):
@@ -197,7 +197,7 @@ def pergroup_decompress(blob: bytes) -> bytes:
         (count,) = struct.unpack_from("<I", blob, 4)
         lengths = struct.unpack_from(f"<{count}I", blob, 8)
     except struct.error:
-        raise ArtifactError("per-group pack is truncated (its stream table is cut off); re-run `pgolf package`") \
+        raise ArtifactError("per-group pack is truncated (its stream table is cut off); re-run `pgolf run`") \
             from None
     at, streams = 8 + 4 * count, []
     for n in lengths:
@@ -205,13 +205,13 @@ def pergroup_decompress(blob: bytes) -> bytes:
         at += n
     if at != len(blob) or count < 1:
         raise ArtifactError(f"per-group pack is {len(blob)} bytes, its stream table says {at}; the blob is "
-                            "truncated or corrupt, re-run `pgolf package`")
+                            "truncated or corrupt, re-run `pgolf run`")
     try:
         head = brotli.decompress(streams[0])
         (ilen,) = struct.unpack_from("<I", head, 0)
         groups = json.loads(head[4:4 + ilen].decode("utf-8"))["groups"]
     except (brotli.error, struct.error, ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"per-group pack: its remainder stream is corrupt ({e}); re-run `pgolf package`") from None
+        raise ArtifactError(f"per-group pack: its remainder stream is corrupt ({e}); re-run `pgolf run`") from None
     if len(groups) != count - 1:
         raise ArtifactError("per-group pack: its index and its streams disagree; the blob is corrupt")
     rest = memoryview(head)[4 + ilen:]
@@ -269,5 +269,5 @@ def decompress(blob: bytes, what: str) -> bytes:
         raw = brotli.decompress(blob)
     except brotli.error as e:
         raise ArtifactError(f"{what}, and it does not decode as a brotli stream either (truncated or corrupt: {e}); "
-                            "re-run `pgolf package`") from None
+                            "re-run `pgolf run`") from None
     return byte_unshuffle(raw) if raw[:4] == BSHF else raw

@@ -30,7 +30,7 @@ from pipeline.export.plan import quantize_state_dict
 from pipeline.fileio import file_sha256
 from pipeline.model.roles import tensor_roles
 from pipeline.stages.base import Context, Stage
-from pipeline.stages.train import CALIBRATION, WEIGHTS
+from pipeline.stages.train_stage import CALIBRATION, WEIGHTS
 
 BLOB = "model.bin"
 

@@ -7,6 +7,6 @@ caching; the shipped train_gpt.py (pipeline.script_entry) loops over it with non
 from pipeline.stages.export import EXPORT
 from pipeline.stages.report import REPORT
 from pipeline.stages.score import SCORE
-from pipeline.stages.train import TRAIN
+from pipeline.stages.train_stage import TRAIN
 
 STAGES = (TRAIN, EXPORT, SCORE, REPORT)

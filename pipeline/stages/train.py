@@ -1,7 +1,8 @@
-"""Stage `train`: optimise the recipe's model, with an fp32 EMA shadow, resumably.
+"""The Trainer: optimise the recipe's model, with an fp32 EMA shadow, resumably (the train stage,
+pipeline.stages.train_stage, runs it).
 
-    result, model = train(recipe, shard_paths, ckpt_dir, dist_info, log=print)
-    TRAIN                          # the stage object of pipeline.stages.sequence
+    trainer = Trainer(recipe, shard_paths, ckpt_dir, dist_info, log=print)
+    result = trainer.run(); model = trainer.ema_model()
 
 One optimizer step = `reference_world_size // world_size` micro-steps, so a single process
 follows the reference 8-GPU trajectory. With a checkpoint folder (pgolf run) the loop saves
@@ -12,8 +13,8 @@ boundary, so the saved state is never taken mid-step and the resumed run is bitw
 uninterrupted one. A non-finite loss, gradient norm or parameter stops training at that step,
 naming it; a checkpoint is written only from a finite state, so "the last good checkpoint" is good.
 
-Fast paths (`FastPaths`, resolved per device from train.compile / autocast / attention_kernel /
-host_sync_every / cpu_workers / coprime.copy_stream and optim.muon_compile; "auto" is the CUDA fast
+Fast paths (pipeline.stages.fast_paths, resolved per device from train.compile / autocast /
+attention_kernel / host_sync_every / cpu_workers / coprime.copy_stream and optim.muon_compile; "auto" is the CUDA fast
 path on CUDA and the plain path on the CPU, whose numbers it leaves bitwise unchanged): bf16
 autocast, torch.compile of the loss module and of Newton-Schulz, one named SDPA kernel (flash takes
 grouped KV heads), the coprime loader's pinned-memory copy stream, and no host synchronisation
@@ -44,17 +45,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import Recipe, to_dict
-from pipeline.distributed import DistInfo, barrier, seed_everything
+from pipeline.distributed import DistInfo, seed_everything
 from pipeline.errors import NonFiniteLossError, UserError
-from pipeline.fileio import atomic_path, file_sha256
+from pipeline.fileio import atomic_path
 from pipeline.model import build_model
 from pipeline.optim.build import build_optimizers
 from pipeline.optim.muon import Muon
 from pipeline.optim.grad_transforms import (GradConditioningState, check_grad_conditioning, condition_gradients,
                                             nan_to_num_)
 from pipeline.optim.schedule import apply_schedule, lr_multiplier, muon_momentum
-from pipeline.stages.base import Context, Stage
 from pipeline.stages.ema import EMA
+from pipeline.stages.fast_paths import clip_grad_norm_on_device, resolve_fast_paths, sdpa_kernel_context
 
 CHECKPOINT = "ckpt.pt"  # in the checkpoint folder (pipeline.stages.checkpoint)
 CHECKPOINT_MODULE = "pipeline.stages.checkpoint"
@@ -159,83 +160,6 @@ def atomic_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-@dataclass(frozen=True)
-class FastPaths:
-    """The fast paths one run uses, resolved from the recipe for its device (TrainConfig's
-    autocast ... cpu_workers, optim.muon_compile, train.coprime.copy_stream)."""
-
-    compile: bool
-    autocast: Optional[torch.dtype]  # None = full precision
-    attention_kernel: str  # "auto" = PyTorch's choice
-    sync_every: int  # steps between host reads of the loss and health flags
-    cpu_workers: int
-    muon_compile: bool
-    copy_stream: bool
-
-    def describe(self) -> str:
-        onoff = {True: "on", False: "off"}
-        return (f"compile={onoff[self.compile]} autocast={'bf16' if self.autocast is not None else 'off'} "
-                f"attention_kernel={self.attention_kernel} host_sync_every={self.sync_every} "
-                f"cpu_workers={self.cpu_workers} muon_compile={onoff[self.muon_compile]} "
-                f"copy_stream={onoff[self.copy_stream]}")
-
-
-def resolve_fast_paths(recipe: Recipe, device, world_size: int, passes_per_step: int) -> FastPaths:
-    """"auto" -> on with CUDA, off elsewhere; a combination that cannot run is a UserError here,
-    before anything is built, never a silent fallback."""
-    t, cuda = recipe.train, torch.device(device).type == "cuda"
-
-    def on(choice: str) -> bool:
-        return choice == "on" or (choice == "auto" and cuda)
-
-    autocast = torch.bfloat16 if t.autocast == "bf16" or (t.autocast == "auto" and cuda) else None
-    kernel = t.attention_kernel
-    if kernel in ("efficient", "cudnn") and not cuda:
-        raise UserError(f"train.attention_kernel={kernel} is a CUDA kernel; on the CPU use auto, flash or math.")
-    if kernel == "flash" and cuda and autocast is None:
-        raise UserError("train.attention_kernel=flash needs bf16 inputs on CUDA; set train.autocast to auto or bf16 "
-                        "(or pick train.attention_kernel=auto/math for full precision).")
-    copy_stream = t.loader == "coprime" and on(t.coprime.copy_stream)
-    if t.loader == "coprime" and t.coprime.copy_stream == "on" and not cuda:
-        raise UserError("train.coprime.copy_stream=on needs a CUDA device; use auto or off.")
-    compile_model = on(t.compile)
-    workers = t.cpu_workers
-    if workers > 1:
-        why = None
-        if cuda:
-            why = "it shares passes among CPU threads; on CUDA leave it at 1"
-        elif world_size > 1:
-            why = "it shares one process's passes; run one process"
-        elif compile_model:
-            why = "torch.compile'd code is not run from several threads here; set train.compile=off"
-        elif passes_per_step < workers:
-            why = (f"a step has {passes_per_step} pass(es) to share; raise train.reference_world_size or set "
-                   f"train.micro_batch_seqs")
-        if why:
-            raise UserError(f"train.cpu_workers={workers} cannot be used here: {why}.")
-    sync_every = t.host_sync_every or (t.log_every if cuda else 1)
-    return FastPaths(compile_model, autocast, kernel, sync_every, workers, on(recipe.optim.muon_compile), copy_stream)
-
-
-def _sdpa_kernel(name: str):
-    """A context restricting scaled_dot_product_attention to one kernel (train.attention_kernel)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name])
-
-
-def _clip_grad_norm_on_device(params, max_norm: float, device) -> torch.Tensor:
-    """grad_transforms.clip_grad_norm's global norm and clip, the norm left on the device (no sync)."""
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
-        return torch.zeros((), device=device)
-    total = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
-    if max_norm > 0:
-        # torch scales by min(1, max_norm / (total + 1e-6)): only ever down, never by 1/0.
-        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
-    return total
-
 
 @dataclass
 class _PendingStep:
@@ -339,7 +263,7 @@ class Trainer:
         stack = contextlib.ExitStack()
         stack.enter_context(self._autocast())
         if self.fast.attention_kernel != "auto":
-            stack.enter_context(_sdpa_kernel(self.fast.attention_kernel))
+            stack.enter_context(sdpa_kernel_context(self.fast.attention_kernel))
         return stack
 
     @property
@@ -372,7 +296,7 @@ class Trainer:
         if r.train.nan_to_num_grads:
             nan_to_num_(params)
         condition_gradients(named, r.optim.grad_conditioning, self.grad_state)
-        grad_norm = _clip_grad_norm_on_device(params, r.train.grad_clip, self.dist.device)
+        grad_norm = clip_grad_norm_on_device(params, r.train.grad_clip, self.dist.device)
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
@@ -621,74 +545,3 @@ class _null:
 
     def __exit__(self, *a):
         return False
-
-
-def train(recipe: Recipe, shard_paths, out_dir: Optional[Path], dist_info: DistInfo, log=print, progress=None,
-          validate=None, stop_at_step=None, checkpoint_key: Optional[dict] = None
-          ) -> tuple[TrainResult, torch.nn.Module]:
-    """Run (or resume) training; returns the result and the model holding the exported weights (the
-    EMA when enabled)."""
-    trainer = Trainer(recipe, shard_paths, out_dir, dist_info, log=log, progress=progress,
-                      checkpoint_key=checkpoint_key)
-    result = trainer.run(validate=validate, stop_at_step=stop_at_step)
-    return result, trainer.ema_model()
-
-
-# ---------------------------------------------------------------------------------------- the stage
-
-WEIGHTS = "weights.pt"  # the exported (EMA) state_dict, fp32 on the CPU; the export stage reads it
-# What quantization schemes with a calibrate hook gathered from training data (only written when
-# a plan uses one; pipeline.export.calibration).
-CALIBRATION = "calibration.pt"
-
-
-def _run_train_stage(ctx: Context) -> dict:
-    r = ctx.recipe
-    if ctx.preflight is not None:
-        ctx.preflight(r, ctx.dist, ctx.log)
-    progress = ctx.progress_factory(r.train.max_steps) if ctx.progress_factory and ctx.dist.is_main else None
-    validate = None
-    if r.train.val_every:
-        from pipeline.stages.evaluate import make_validator
-
-        validate = make_validator(ctx.data, r, ctx.dist)
-    try:
-        result, exported = train(r, ctx.data.train_shards, ctx.checkpoint_dir, ctx.dist, log=ctx.log,
-                                             progress=progress, validate=validate,
-                                             checkpoint_key=ctx.checkpoint_key)
-    finally:
-        if progress is not None:
-            progress.close()
-    # A quantization scheme that calibrates on training data does it now, on the exported weights,
-    # and its seconds count as training time (pipeline.export.calibration); free when none does.
-    from pipeline.export.calibration import calibrate, save_calibration
-
-    calibration, calibration_s = calibrate(r, exported, ctx.data.train_shards, ctx.dist, ctx.log)
-    weights = ctx.path("train", WEIGHTS)
-    if ctx.dist.is_main:
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save({k: v.detach().cpu() for k, v in exported.state_dict().items()}, weights)
-        if calibration is not None:
-            save_calibration(calibration, ctx.path("train", CALIBRATION))
-    barrier(ctx.dist)
-    ctx.log(f"train_done steps={result.steps} train_time={result.train_time_s:.1f}s tokens_seen={result.tokens_seen} "
-            f"stopped_by={result.stopped_by} exported={'ema' if r.ema.enabled else 'raw'} weights")
-    outputs = {"steps": result.steps, "train_time_s": result.train_time_s + calibration_s,
-               "tokens_seen": result.tokens_seen, "stopped_by": result.stopped_by, "history": result.history,
-               "weights_sha256": file_sha256(weights)}
-    if calibration is not None:
-        outputs |= {"calibration_time_s": calibration_s,
-                    "calibration_sha256": file_sha256(ctx.path("train", CALIBRATION))}
-    return outputs
-
-
-def _train_stage_key(ctx: Context) -> dict:
-    # The calibrating schemes run inside this stage, so a plan that adds one (or changes how many
-    # batches they see) reruns it.
-    from pipeline.export.calibration import calibration_key
-
-    return training_config(ctx.recipe) | calibration_key(ctx.recipe)
-
-
-TRAIN = Stage("train", depends_on=_train_stage_key, data_inputs=("train",), files=(WEIGHTS,),
-              run=_run_train_stage)
