@@ -50,26 +50,35 @@ def default_ns_dtype(device: torch.device) -> torch.dtype:
 def newton_schulz(
     G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: Optional[torch.dtype] = None
 ) -> torch.Tensor:
-    """Approximately orthogonalise G (last two dims; leading dims are a batch).
-
-    Iterates X <- aX + (bA + cA^2)X with A = X X^T, after scaling X to unit Frobenius norm
-    (which bounds its spectral norm by 1, inside the polynomial's basin). A tall matrix is
-    transposed first so A is the smaller Gram matrix. Returns a tensor of `dtype` (default by
-    device, see `default_ns_dtype`) whose singular values lie roughly in [0.5, 1.5].
+    """Approximately orthogonalise G (last two dims; leading dims are a batch): `steps` iterations
+    of Keller Jordan's (a, b, c) = NS_COEFFS (`newton_schulz_sequence`). Returns a tensor of `dtype`
+    (default by device, see `default_ns_dtype`) whose singular values lie roughly in [0.5, 1.5].
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix, got shape {tuple(G.shape)}")
     if steps < 1:
         raise ValueError(f"newton_schulz needs steps >= 1, got {steps}")
+    return newton_schulz_sequence(G, (NS_COEFFS,) * steps, eps=eps, dtype=dtype)
+
+
+def newton_schulz_sequence(G: torch.Tensor, coeffs, eps: float = 1e-7,
+                           dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Newton-Schulz with one (a, b, c) per iteration: X <- aX + (bA + cA^2)X with A = X X^T, after
+    scaling X to unit Frobenius norm (which bounds its spectral norm by 1, inside the polynomial's
+    basin). A tall matrix is transposed first so A is the smaller Gram matrix. One tuple repeated is
+    Keller Jordan's iteration; a tuple per step is Polar Express (pipeline.optim.muon_variants)."""
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz_sequence needs a matrix, got shape {tuple(G.shape)}")
+    if not coeffs:
+        raise ValueError("newton_schulz_sequence needs at least one (a, b, c)")
     X = G.to(dtype or default_ns_dtype(G.device))
     X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    a, b, c = NS_COEFFS
     batched = X.ndim > 2
     # addmm/baddbmm fuse the scale-and-add into the matmul: beta*input + alpha*(m1 @ m2).
-    for _ in range(steps):
+    for a, b, c in coeffs:
         A = X @ X.mT
         if batched:
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.optim.muon import default_ns_dtype, newton_schulz
+from pipeline.optim.muon import newton_schulz, newton_schulz_sequence
 
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -36,31 +36,6 @@ POLAR_EXPRESS_COEFFS = (
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 NS_COEFF_CHOICES = ("jordan", "polar_express")
-
-
-def newton_schulz_sequence(G: torch.Tensor, coeffs, eps: float = 1e-7,
-                           dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Newton–Schulz with one (a, b, c) per iteration: X <- aX + (bA + cA^2)X, A = X X^T, after
-    scaling X to unit Frobenius norm over its last two dims (leading dims are a batch)."""
-    if G.ndim < 2:
-        raise ValueError(f"newton_schulz_sequence needs a matrix, got shape {tuple(G.shape)}")
-    if not coeffs:
-        raise ValueError("newton_schulz_sequence needs at least one (a, b, c)")
-    X = G.to(dtype or default_ns_dtype(G.device))
-    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
-    tall = X.size(-2) > X.size(-1)
-    if tall:  # iterate on the smaller Gram matrix
-        X = X.mT
-    batched = X.ndim > 2
-    for a, b, c in coeffs:
-        A = X @ X.mT
-        if batched:
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a)
-        else:
-            B = torch.addmm(A, A, A, beta=b, alpha=c)
-            X = torch.addmm(X, B, X, beta=a)
-    return X.mT if tall else X
 
 
 def polar_express(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
