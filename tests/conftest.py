@@ -25,6 +25,18 @@ TINY_SETS = (
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _default_sigint():
+    """Python's own Ctrl-C handler for the whole session. A suite started in the background of a
+    non-interactive shell (`nohup make test &`) inherits SIGINT ignored, and the interruption tests
+    would then test the shell's setting instead of pgolf's handling."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """pgolf's cache (file hashes, the embedded corpus) in a temporary folder, never the checkout's."""
     import os
