@@ -31,10 +31,9 @@ One read is exempt, as the records do it: a document's window (and a phase's row
 document's own BOS, which is also the previous document's last target; documents are processed
 longest first, so that target may be scored later. Its value is fixed by construction (the
 documents are found by it) and the model never sees stream positions, so this tells nothing about
-an unscored target; the checker allows exactly these positions (`check_events(context=...)`).
-The event log (`events`, checked by `eval.ttt_ledger.check_events`, the verdicts of
-`eval.ttt.check_score_before_update` plus that exemption) records each score and update as it
-happens, and the `IsolationLedger` proves each document's adapter was fresh when it started and
+an unscored target; the checker allows exactly these positions (its `context=`). The event log
+(`events`, checked by `eval.ttt.check_score_before_update` with that exemption) records each score
+and update as it happens, and the `IsolationLedger` proves each document's adapter was fresh when it started and
 used by no other.
 
 Processes. The queue, the batches and the phase boundaries do not depend on the number of
@@ -64,7 +63,8 @@ from eval.byte_tables import ByteTables
 from eval.lora_adapters import BatchedLoRA
 from eval.scorer import EvalResult, all_reduce_result, model_autocast, prepare_stream
 from eval.ttt import _check_world, _make_optimizer, _sum_grads, _trainable, chunk_lr
-from eval.ttt_ledger import IsolationLedger, check_events
+from eval.ttt import check_score_before_update
+from eval.ttt_ledger import IsolationLedger
 from eval.windows import contiguous_share
 from pipeline.config import EvalConfig, TTTConfig
 from pipeline.errors import UserError
@@ -365,4 +365,4 @@ def score_ttt_mode(model, tokens, tables, recipe, dist_info, progress=None, even
     res = phased_lora_ttt(model, tokens, tables, recipe.eval, recipe.ttt, dist_info.device, dist_info.rank,
                           dist_info.world_size, progress=progress, events=own, micro_seqs=micro_seqs,
                           seed=recipe.seed, log=log)
-    return res.result, check_events(own, context=res.documents.starts) + res.isolation
+    return res.result, check_score_before_update(own, context=res.documents.starts) + res.isolation

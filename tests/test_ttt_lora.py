@@ -17,7 +17,7 @@ import torch
 
 from eval.byte_tables import ByteTables
 from eval.ttt import check_score_before_update
-from eval.ttt_ledger import IsolationLedger, check_events
+from eval.ttt_ledger import IsolationLedger
 from eval.ttt_lora import doc_queue, find_documents, phase_bounds, phased_lora_ttt
 from pipeline.errors import UserError
 
@@ -94,14 +94,33 @@ def test_documents_tile_the_targets_and_the_queue_is_longest_first():
     assert phase_bounds(10, 0, 3) == [] and phase_bounds(10, 2, 3) == [1, 2]
 
 
-def test_fast_checker_agrees_with_check_score_before_update():
+def _reference_check(events, context=()) -> list[str]:
+    """The score-before-update rule position by position, with Python sets (slow, obviously right)."""
+    scored, problems = set(), []
+    for kind, tag, lo, hi in events:
+        span = range(lo, hi + 1)
+        if kind == "score":
+            if scored.intersection(span):
+                problems.append(f"score {tag}: positions {lo}..{hi} include already scored ones")
+            scored.update(span)
+        else:
+            gap = next((p for p in range(max(lo, 1), hi + 1) if p not in scored and p not in set(context)), None)
+            if gap is not None:
+                problems.append(f"update {tag}: trains on positions {lo}..{hi}, but position "
+                                f"{gap} was not scored before it")
+    return problems
+
+
+def test_interval_checker_agrees_with_a_position_by_position_reference():
     rng = random.Random(0)
     for _ in range(300):
         events = []
         for _ in range(rng.randint(1, 25)):
             lo = rng.randint(0, 60)
             events.append((rng.choice(["score", "score", "update"]), len(events), lo, lo + rng.randint(0, 9)))
-        assert check_events(events) == check_score_before_update(events)
+        context = rng.sample(range(70), rng.randint(0, 5))
+        assert check_score_before_update(events) == _reference_check(events)
+        assert check_score_before_update(events, context) == _reference_check(events, context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +145,7 @@ def test_every_target_is_scored_once_before_any_update_that_saw_it():
     assert times[0] == 0 and (times[1:] == 1).all()  # every target exactly once
     assert sum(e[0] == "update" for e in events) > 20
     starts = res.documents.starts
-    assert check_events(events, context=starts) == []
+    assert check_score_before_update(events, context=starts) == []
     # The existing checker agrees up to the one exemption: a window's first input is its
     # document's BOS, which is the previous document's (maybe later scored) last target.
     flagged = check_score_before_update(events)
@@ -137,7 +156,7 @@ def test_every_target_is_scored_once_before_any_update_that_saw_it():
     i = next(k for k, e in enumerate(events) if e[0] == "update" and e[1][0] != "phase")
     j = max(k for k in range(i) if events[k][0] == "score" and events[k][1][0] == events[i][1][0])
     broken = events[:j] + [events[i]] + events[j:i] + events[i + 1:]
-    assert check_events(broken, context=starts)
+    assert check_score_before_update(broken, context=starts)
 
 
 def test_score_ttt_dispatches_the_mode_and_reports_compliance():
@@ -233,7 +252,7 @@ def test_phases_train_on_scored_documents_only_and_act_after_their_boundary():
         assert rows and all(any(s <= lo and hi <= e for s, e in spans) for lo, hi in rows)
         covered = {x for lo, hi in rows for x in range(lo + 1, hi + 1)}
         assert covered == {x for s, e in spans for x in range(s + 1, e + 1)}  # all their targets
-    assert check_events(events, context=docs.starts) == []
+    assert check_score_before_update(events, context=docs.starts) == []
     # Documents scored before the first phase are untouched by it; later ones are not.
     first = queue[:2]
     np.testing.assert_array_equal(phased.doc_nats[first], plain.doc_nats[first])
@@ -305,7 +324,7 @@ def _rank_main(rank, world, port, out):
     res, events = _world_run(rank, world)
     if rank == 0:
         torch.save({"loss": res.result.loss_sum, "tokens": res.result.token_count, "bytes": res.result.byte_count,
-                    "events_ok": check_events(events, context=res.documents.starts) == []}, out)
+                    "events_ok": check_score_before_update(events, context=res.documents.starts) == []}, out)
     dist.barrier()
     dist.destroy_process_group()
 
