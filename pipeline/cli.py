@@ -106,6 +106,7 @@ def check(recipe, seed, overrides):
     import torch
 
     from pipeline.codegen import build_train_gpt
+    from pipeline.inert import inert_settings
     from pipeline.model import build_model
     from pipeline.recipe import load_recipe
     from pipeline.export.plan import named_shapes_of
@@ -118,6 +119,8 @@ def check(recipe, seed, overrides):
         model = build_model(r.model)
     click.echo(f"recipe={r.name} trunk={r.model.trunk} causal={not r.model.leaky_selective_state}")
     click.echo(f"fast_paths {fast}")
+    for note in inert_settings(r):
+        click.echo(f"note: {note}")
     # the whole quant section, so LQER's factors are predicted too
     figures = model_figures(model, r.quant, r.package)  # params=, params_*, predicted_bytes_*
     for key, value in figures.items():
@@ -131,6 +134,8 @@ def check(recipe, seed, overrides):
                f"bytes_code_minified={script.minified_bytes}")
     click.echo(f"predicted_bytes_total={total}")
     click.echo(f"cap_bytes={r.package.cap_bytes} predicted_headroom={r.package.cap_bytes - total}")
+    if r.quant.fit_clip is not None:
+        _check_fit_clip(r, model, code)
     click.echo("note: predicted_bytes_* compress Gaussian stand-ins at untrained scale (matrices ~N(0, 0.02^2)); "
                "under a quantization scale floor trained weights, being larger, compress less:")
     curve, cap_rms = size_vs_rms(named_shapes_of(model), r.quant, r.package, code, roles=param_roles(model))
@@ -143,6 +148,33 @@ def check(recipe, seed, overrides):
     else:
         click.echo(f"cap_rms={cap_rms:.3f} (int6/int8 tensors with a larger RMS after training would not fit)")
     _check_memory(r)
+
+
+def _check_fit_clip(r, model, code_bytes: int) -> None:
+    """quant.fit_clip's scale on the stand-ins: the search export runs on the trained weights, with
+    each trial predicted instead of packed (16 sample rows a tensor, as size_vs_rms)."""
+    from pipeline.errors import SizeCapError
+    from pipeline.export.clip_fit import scaled, smallest_fitting_scale
+    from pipeline.export.plan import named_shapes_of
+    from pipeline.export.predict import predict_bytes
+    from pipeline.model.roles import param_roles
+
+    shapes, roles, fit = named_shapes_of(model), param_roles(model), r.quant.fit_clip
+
+    def total_at(scale: float) -> int:
+        return predict_bytes(shapes, scaled(r.quant, scale), r.package, roles=roles, sample_rows=16)["total"] \
+            + code_bytes
+
+    try:
+        scale, trials = smallest_fitting_scale(total_at, r.package.cap_bytes - fit.margin_bytes, fit.max_scale,
+                                               fit.steps)
+    except SizeCapError:
+        click.echo(f"predicted_clip_scale=none (over the cap even with clip_sigmas x{fit.max_scale:g}, "
+                   "quant.fit_clip.max_scale; export would refuse)")
+        return
+    fitted = [total for s, total in trials if s == scale][-1]
+    click.echo(f"predicted_clip_scale={scale:.4f} predicted_bytes_total_fitted={fitted} (quant.fit_clip: every "
+               "clip_sigmas times this scale; export searches it again on the trained weights)")
 
 
 def _run_device():

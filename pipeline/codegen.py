@@ -139,9 +139,10 @@ def _compressors(recipe: Recipe) -> set[str]:
 
 
 def export_modules(recipe: Recipe) -> list[str]:
-    """Modules of the quantization schemes (those defining their functions), of LQER and of the
-    packagers that `recipe` uses beyond the codec's own (zstd, zlib, int/fp schemes)."""
-    from pipeline.export.codec import LQER_MODULE, PACKAGER_MODULE, get_scheme
+    """Modules of the quantization schemes (those defining their functions), of LQER, of
+    quant.fit_clip and of the packagers that `recipe` uses beyond the codec's own (zstd, zlib,
+    int/fp schemes)."""
+    from pipeline.export.codec import CLIP_FIT_MODULE, LQER_MODULE, PACKAGER_MODULE, get_scheme
 
     q = recipe.quant
     found: set[str] = set()
@@ -152,6 +153,8 @@ def export_modules(recipe: Recipe) -> list[str]:
                                                                   spec.calibrate, spec.stand_in) if f is not None)
     if q.lqer is not None:
         found.add(LQER_MODULE)
+    if q.fit_clip is not None:
+        found.add(CLIP_FIT_MODULE)
     if _compressors(recipe) - {"zstd", "zlib"}:
         found.add(PACKAGER_MODULE)
     found.discard("pipeline.export.codec")  # the built-in schemes: every script carries the codec

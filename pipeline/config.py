@@ -361,6 +361,20 @@ class LqerConfig:
 
 
 @dataclass(frozen=True)
+class ClipFitConfig:
+    """Fit the artifact under the cap by widening SD-clip (pg_mechanics.md §7.1 step 4: "SDClip k is
+    the single monotone knob to land just under the cap"). When the blob at the rules' own clip_sigmas
+    would be over `package.cap_bytes - margin_bytes`, every rule's clip_sigmas is multiplied by one
+    scale s in (1, max_scale], the smallest that fits, found by `steps` bisections, each a full
+    quantize + pack (pipeline/export/clip_fit.py). A wider clip is a coarser step: fewer bytes, more
+    quantization error. s = 1 when the blob fits as it is, so a run that fits is unchanged."""
+
+    max_scale: float = constrained(1.5, gt=1, le=10)
+    steps: int = constrained(4, ge=1, le=20)
+    margin_bytes: int = constrained(0, ge=0)
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     rules: tuple[QuantRule, ...] = constrained(factory=_default_quant_rules, min_len=1)
     compare: tuple[ComparePlan, ...] = ()
@@ -369,6 +383,7 @@ class QuantConfig:
     # 04-14 on, 64 before; pg_mechanics.md §4.1.4). Unused when no rule names a calibrating scheme.
     calibration_batches: int = constrained(16, ge=1)
     lqer: Optional[LqerConfig] = None  # low-rank error repair of the worst tensors (absent = off)
+    fit_clip: Optional[ClipFitConfig] = None  # widen SD-clip until the artifact fits (absent = off)
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,9 @@ def cross_field_problems(r: C.Recipe, bad: set[str]) -> list[Problem]:
             if rule.max_numel and ok(here) and rule.min_numel > rule.max_numel:
                 add([f"{here}.min_numel", f"{here}.max_numel"],
                     f"{here}: min_numel ({rule.min_numel}) > max_numel ({rule.max_numel}), so it never applies.")
+    if r.quant.fit_clip is not None and not any(rule.clip_sigmas is not None for rule in r.quant.rules):
+        add(["quant.fit_clip"], "quant.fit_clip widens SD-clip, but no rule in quant.rules sets clip_sigmas; "
+                                "set clip_sigmas on the int6/int8 rules or remove quant.fit_clip.")
     names = [p.name for p in r.quant.compare]
     for i, name in enumerate(names):
         if name in names[:i]:

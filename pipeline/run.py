@@ -21,6 +21,7 @@ from pipeline.data.identity import check_meta, published_export_problem
 from pipeline.data.shards import list_shards, read_header
 from pipeline.distributed import DistInfo, barrier, broadcast_from_main
 from pipeline.fileio import canonical_hash
+from pipeline.inert import inert_settings
 from pipeline.preflight import preflight
 from pipeline.provenance import FileHashCache, cache_root, code_identity, data_identity, safe_join
 from pipeline.stage_cache import StageCache
@@ -107,6 +108,8 @@ def run_recipe(recipe: Recipe, data_dir: Path, out_root: Path, dist_info: DistIn
         f"data={data_dir} data_tag={ident['tag']} train_shards={len(data.train_shards)} "
         f"val_tokens={data.val_tokens.size}")
     log(f"run_dir={run_dir}")
+    for note in inert_settings(recipe):  # set but not read by this recipe's modes: said, not ignored
+        log(f"note: {note}")
     ctx = Context(recipe=recipe, dist=dist_info, data=data, log=log, code_bytes=code_bytes,
                   path=lambda stage, name: _run_path(run_dir, stage, name), checkpoint_dir=run_dir / "train",
                   checkpoint_key={"training": training_config(recipe), "train_data": ident["train"],

@@ -257,6 +257,7 @@ RESOLVERS: list[Callable] = []
 # needs them: the generated script carries just its recipe's (pipeline.codegen), and the import
 # scanner that decides what ships reads import statements, not these strings.
 LQER_MODULE = "pipeline.export.lqer"
+CLIP_FIT_MODULE = "pipeline.export.clip_fit"  # quant.fit_clip
 EXTENSION_MODULES = ("pipeline.export.gptq", LQER_MODULE)
 PACKAGER_MODULE = "pipeline.export.packagers"
 

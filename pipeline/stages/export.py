@@ -1,6 +1,7 @@
 """Stage `export`: the trained weights become the artifact, written to disk and read back.
 
-    quantize (the recipe's plan, then LQER if set) -> pack (zstd-22 by default; sha256 beside it,
+    quantize (the recipe's plan, then LQER if set; with quant.fit_clip, SD-clip widened until the blob
+    fits, export/clip_fit.py) -> pack (zstd-22 by default; sha256 beside it,
     size gate) -> read the blob back from disk (checksum, decode, every tensor finite)
 
 The weights come from the train stage's file, checked against the sha256 it recorded. The blob's
@@ -24,7 +25,7 @@ from pipeline.config import Recipe, to_dict
 from pipeline.distributed import barrier, broadcast_from_main
 from pipeline.errors import UserError
 from pipeline.export.artifact import effective_level, group_codec, load_artifact, package_model, serialize, size_lines
-from pipeline.export.codec import compress
+from pipeline.export.codec import CLIP_FIT_MODULE, compress, extension
 from pipeline.export.calibration import calibrating_schemes, load_calibration
 from pipeline.export.plan import quantize_state_dict
 from pipeline.fileio import file_sha256
@@ -104,8 +105,16 @@ def _run_export(ctx: Context) -> dict:
         try:
             state, calibration = load_weights(ctx), load_train_calibration(ctx)
             roles = tensor_roles(r.model)
-            qmodel = quantize_state_dict(state, r.quant, roles=roles, calibration=calibration)
+            fitted = None
+            if r.quant.fit_clip is not None:  # widen SD-clip until the blob fits (export/clip_fit.py)
+                fitted = extension(CLIP_FIT_MODULE).fit_clip(state, r.quant, r.package, ctx.code_bytes, blob_meta(r),
+                                                             roles=roles, calibration=calibration)
+                qmodel = fitted.qmodel
+            else:
+                qmodel = quantize_state_dict(state, r.quant, roles=roles, calibration=calibration)
             result = package_model(qmodel, blob, r.package, ctx.code_bytes, meta=blob_meta(r))
+            if fitted is not None:
+                result["clip_scale"], result["clip_fit_trials"] = fitted.scale, fitted.trials
             result["compare"] = compare_sizes(state, r, roles, calibration)
             if r.package.compare_compressors:
                 sizes, seconds = compare_compressors(serialize(qmodel, blob_meta(r)), r)
@@ -124,6 +133,9 @@ def _run_export(ctx: Context) -> dict:
     decoded, _meta = load_artifact(blob, result["sha256"])  # what ships, read back from disk
     for line in size_lines(result):
         ctx.log(line)
+    if "clip_scale" in result:
+        tried = " ".join(f"{scale:.4f}:{total}" for scale, total in result["clip_fit_trials"])
+        ctx.log(f"clip_fit clip_scale={result['clip_scale']:.6f} tried(scale:bytes_total)={tried}")
     codec_note = "" if group_codec(r.package.compressor) == r.package.compressor else \
         f" codec={group_codec(r.package.compressor)}"  # pergroup's per-group estimate is brotli's
     for group, g in result["groups"].items():

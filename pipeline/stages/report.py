@@ -76,6 +76,7 @@ def build_report(ctx: Context) -> dict:
         "params": params, "bytes_model": export["bytes_model"], "bytes_code": export["bytes_code"],
         "bytes_total": export["bytes_total"], "cap_bytes": export["cap_bytes"],
         "bytes_model_compare": export.get("compare", {}), "artifact_sha256": export["sha256"],
+        "clip_scale": export.get("clip_scale"),  # quant.fit_clip's SD-clip multiplier (None: off)
         "export_groups": export.get("groups", {}),
         "steps": train["steps"], "stopped_by": train.get("stopped_by", "max_steps"),
         "train_time_s": train["train_time_s"], "eval_time_s": scores["eval_time_s"],
