@@ -287,13 +287,23 @@ def _payload(recipe: Recipe) -> tuple[bytes, int]:
     return b"\0".join(parts), source_bytes
 
 
+def extra_needs(recipe: Recipe, codec: str) -> str:
+    """What the script for `recipe` in `codec` needs beyond torch, numpy, sentencepiece and
+    zstandard, as its header says it: "", " and brotli", " and brotli (and the lrzip program)"."""
+    packs = _compressors(recipe) - {"zstd", "zlib"}  # the packagers' brotli, pergroup's lrzip program
+    extra = " and brotli" if codec == "brotli" or packs else ""
+    return extra + (" (and the lrzip program)" if "pergroup" in packs else "")
+
+
+def script_codec(text: str) -> str:
+    """The codec ("brotli" or "lzma") a generated script's payload is compressed with."""
+    return re.search(r"^import .*,(\w+)$", text, re.MULTILINE).group(1)
+
+
 def _render(recipe: Recipe, codec: str, payload: bytes) -> str:
     packed = _compress(payload, codec)
     name = re.sub(r"[^\w.+-]", "_", recipe.name, flags=re.ASCII)  # keeps the header a plain docstring
-    packs = _compressors(recipe) - {"zstd", "zlib"}  # the packagers' brotli, pergroup's lrzip program
-    extra = " and brotli" if codec == "brotli" or packs else ""
-    extra += " (and the lrzip program)" if "pergroup" in packs else ""
-    fields = {"@NAME@": name, "@CODEC@": codec, "@EXTRA@": extra,
+    fields = {"@NAME@": name, "@CODEC@": codec, "@EXTRA@": extra_needs(recipe, codec),
               "@LEN@": str(len(packed)), "@ENTRY@": ENTRY_MODULES[0], "@PAYLOAD@": b93encode(packed)}
     return re.sub("|".join(fields), lambda m: fields[m.group(0)], _TEMPLATE)
 
@@ -325,7 +335,7 @@ def write_train_gpt(recipe: Recipe, path: Path) -> int:
 def unpack_train_gpt(text: str) -> tuple[dict[str, str], str]:
     """What a generated script carries: {module path: minified source} and the recipe JSON
     (for reading a shipped script; the script itself runs the same decoding)."""
-    codec = re.search(r"^import .*,(\w+)$", text, re.MULTILINE).group(1)
+    codec = script_codec(text)
     nbytes = int(re.search(r"^L=(\d+)$", text, re.MULTILINE).group(1))
     encoded = re.search(r'^S="([^"]*)"$', text, re.MULTILINE).group(1)
     *files, recipe_json = _decompress(b93decode(encoded, nbytes), codec).split(b"\0")

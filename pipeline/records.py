@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from pipeline.codegen import write_train_gpt
+from pipeline.codegen import extra_needs, script_codec, write_train_gpt
 from pipeline.config import Recipe
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, file_sha256, write_json_atomic
@@ -240,7 +240,7 @@ def summarize(recipe: Recipe, logs: list[SeedLog], track: str, hardware: str, co
     }
 
 
-def _readme(recipe: Recipe, summary: dict, hardware: str) -> str:
+def _readme(recipe: Recipe, summary: dict, hardware: str, script_text: str) -> str:
     rows = "\n".join(f"| {s} | {v['val_bpb']:.8f} | {v['val_loss']:.8f} | {v['artifact_bytes']:,} | {v['steps']} | "
                      f"{v['train_time_s']:.1f} | {v['eval_time_s']:.1f} |" for s, v in summary["seed_results"].items())
     st = summary["statistics"]["val_bpb"]
@@ -249,6 +249,7 @@ def _readme(recipe: Recipe, summary: dict, hardware: str) -> str:
     compare = ""
     if summary.get("comparison"):
         compare = "\n## Against the baseline\n\n```\n" + "\n".join(summary["comparison"]["lines"]) + "\n```\n"
+    vocab = recipe.model.vocab_size  # the challenge's names for its exports (the script's defaults too)
     track_note = "" if summary["track"] == "10min_16mb" else (
         f"\nNon-record submission: run on {hardware}, not 8×H100, so the 10-minute limits are reported, "
         "not enforced.\n")
@@ -269,10 +270,11 @@ Hardware: {hardware}.
 {compare}
 ## Run
 
-    DATA_PATH=./data/datasets/fineweb10B_sp1024 TOKENIZER_PATH=./data/tokenizers/fineweb_1024_bpe.model \\
+    DATA_PATH=./data/datasets/fineweb10B_sp{vocab} TOKENIZER_PATH=./data/tokenizers/fineweb_{vocab}_bpe.model \\
     SEED=1337 torchrun --standalone --nproc_per_node=8 train_gpt.py
 
-`train_gpt.py` is self-contained ({summary['bytes_code']:,} bytes): torch, numpy, sentencepiece, zstandard.
+`train_gpt.py` is self-contained ({summary['bytes_code']:,} bytes): it needs torch, numpy, sentencepiece,
+zstandard{extra_needs(recipe, script_codec(script_text))}.
 
 ## Compliance (computed from the logs)
 
@@ -399,7 +401,7 @@ def submit(recipe_name: str, seeds: list[int], overrides, data_dir: Optional[Pat
         for seed in seeds:
             shutil.copyfile(staging / f"train_seed{seed}.log", build / f"train_seed{seed}.log")
         write_json_atomic(build / "submission.json", summary)
-        atomic_write(build / "README.md", _readme(recipe, summary, hardware).encode())
+        atomic_write(build / "README.md", _readme(recipe, summary, hardware, script.read_text()).encode())
         from pipeline.plots import plot_records
 
         plot_records(logs, build)

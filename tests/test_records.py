@@ -47,6 +47,12 @@ def test_folder_holds_exactly_the_challenge_files(submitted):
         assert png.stat().st_size > 10_000
     readme = (folder / "README.md").read_text()
     assert "Non-record submission" in readme and "train_gpt.py" in readme
+    # the run command names this vocabulary's exports, and the README says what the script says it needs
+    assert "DATA_PATH=./data/datasets/fineweb10B_sp320 TOKENIZER_PATH=./data/tokenizers/fineweb_320_bpe.model" in readme
+    script = (folder / "train_gpt.py").read_text()
+    needs = [" ".join(re.search(pattern, text, re.DOTALL).group(1).split())
+             for pattern, text in ((r"Needs (.*?)\. pgolf", script), (r"it needs (.*?)\.\n", readme))]
+    assert needs[0] == needs[1] == "torch, numpy, sentencepiece, zstandard and brotli"  # tiny's script: brotli
     assert not list(folder.parent.glob(".*partial*"))  # no half-built folder left behind
 
 
