@@ -136,6 +136,12 @@ def check(recipe, seed, overrides):
     click.echo(f"cap_bytes={r.package.cap_bytes} predicted_headroom={r.package.cap_bytes - total}")
     if r.quant.fit_clip is not None:
         _check_fit_clip(r, model, code)
+    if not any(rule.scale_floor is not None for rule in r.quant.rules):
+        # rows scaled by their own max or clip: the codes, so the bytes, do not depend on the weights' scale
+        click.echo("note: predicted_bytes_* compress Gaussian stand-ins; no quant rule sets a scale_floor, so each "
+                   "row is scaled by its own max or clip and the bytes do not grow with the trained weights' RMS")
+        _check_memory(r)
+        return
     click.echo("note: predicted_bytes_* compress Gaussian stand-ins at untrained scale (matrices ~N(0, 0.02^2)); "
                "under a quantization scale floor trained weights, being larger, compress less:")
     curve, cap_rms = size_vs_rms(named_shapes_of(model), r.quant, r.package, code, roles=param_roles(model))

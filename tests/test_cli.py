@@ -130,13 +130,15 @@ def test_check_baseline_params(tmp_path):
     assert "params=17059912" in proc.stdout.splitlines()
     total = int(re.search(r"^predicted_bytes_total=(\d+)$", proc.stdout, re.M).group(1))
     assert 8_000_000 < total < 16_000_000
-    # the baseline has no scale floor (fp16-tiny floor), so its size barely moves with the RMS
-    assert re.search(r"^cap_rms=none ", proc.stdout, re.M)
+    # the baseline sets no scale floor: its size does not move with the RMS, and check says so instead of a curve
+    assert "no quant rule sets a scale_floor" in proc.stdout and "cap_rms" not in proc.stdout
 
 
 def test_check_over_the_cap_at_every_rms_says_so(tmp_path):
     # it printed cap_rms=0.020 ("a larger RMS would not fit"), as if 0.02 fitted
-    proc = cli_inprocess("check", "tiny", "--set", "package.cap_bytes=100000", cwd=tmp_path)
+    floors = ("quant.rules=[{scheme: fp32, roles: [control, gate]}, {scheme: fp16, max_numel: 65536}, "
+              "{scheme: int6, scale_floor: 0.03225806451612903}]")
+    proc = cli_inprocess("check", "tiny", "--set", floors, "--set", "package.cap_bytes=100000", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^cap_rms=none \(over the cap already at RMS 0.02, the smallest tried\)$", proc.stdout, re.M)
 
