@@ -135,7 +135,7 @@ def check(recipe, seed, overrides):
     click.echo(f"predicted_bytes_total={total}")
     click.echo(f"cap_bytes={r.package.cap_bytes} predicted_headroom={r.package.cap_bytes - total}")
     if r.quant.fit_clip is not None:
-        _check_fit_clip(r, model, code)
+        _check_fit_clip(r, model, code, total)
     if not any(rule.scale_floor is not None for rule in r.quant.rules):
         # rows scaled by their own max or clip: the codes, so the bytes, do not depend on the weights' scale
         click.echo("note: predicted_bytes_* compress Gaussian stand-ins; no quant rule sets a scale_floor, so each "
@@ -156,31 +156,29 @@ def check(recipe, seed, overrides):
     _check_memory(r)
 
 
-def _check_fit_clip(r, model, code_bytes: int) -> None:
-    """quant.fit_clip's scale on the stand-ins: the search export runs on the trained weights, with
-    each trial predicted instead of packed (16 sample rows a tensor, as size_vs_rms)."""
-    from pipeline.errors import SizeCapError
-    from pipeline.export.clip_fit import scaled, smallest_fitting_scale
-    from pipeline.export.plan import named_shapes_of
+def _check_fit_clip(r, model, code_bytes: int, total: int) -> None:
+    """quant.fit_clip's scale on the stand-ins: the search export runs on the trained weights, each
+    trial predicted as predicted_bytes_total is (`total`, the one at the recipe's own clips)."""
+    from pipeline.export.clip_fit import check_clipped, limit_bytes, no_fit_message, scaled, smallest_fitting_scale
+    from pipeline.export.plan import named_shapes_of, resolve_plan
     from pipeline.export.predict import predict_bytes
     from pipeline.model.roles import param_roles
 
-    shapes, roles, fit = named_shapes_of(model), param_roles(model), r.quant.fit_clip
+    shapes, roles = named_shapes_of(model), param_roles(model)
+    check_clipped(resolve_plan(shapes, r.quant.rules, roles), r.quant)
 
     def total_at(scale: float) -> int:
-        return predict_bytes(shapes, scaled(r.quant, scale), r.package, roles=roles, sample_rows=16)["total"] \
-            + code_bytes
+        return total if scale == 1.0 else \
+            predict_bytes(shapes, scaled(r.quant, scale), r.package, roles=roles)["total"] + code_bytes
 
-    try:
-        scale, trials = smallest_fitting_scale(total_at, r.package.cap_bytes - fit.margin_bytes, fit.max_scale,
-                                               fit.steps)
-    except SizeCapError:
-        click.echo(f"predicted_clip_scale=none (over the cap even with clip_sigmas x{fit.max_scale:g}, "
-                   "quant.fit_clip.max_scale; export would refuse)")
+    scale, trials = smallest_fitting_scale(total_at, limit_bytes(r.quant, r.package), r.quant.fit_clip.max_scale,
+                                           r.quant.fit_clip.steps)
+    if scale is None:
+        click.echo(f"predicted_clip_scale=none ({no_fit_message(r.quant, r.package, code_bytes, trials)})")
         return
-    fitted = [total for s, total in trials if s == scale][-1]
+    fitted = [t for s, t in trials if s == scale][-1]
     click.echo(f"predicted_clip_scale={scale:.4f} predicted_bytes_total_fitted={fitted} (quant.fit_clip: every "
-               "clip_sigmas times this scale; export searches it again on the trained weights)")
+               "clip_sigmas in quant.rules times this scale; export searches it again on the trained weights)")
 
 
 def _run_device():

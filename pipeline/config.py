@@ -367,7 +367,8 @@ class ClipFitConfig:
     would be over `package.cap_bytes - margin_bytes`, every rule's clip_sigmas is multiplied by one
     scale s in (1, max_scale], the smallest that fits, found by `steps` bisections, each a full
     quantize + pack (pipeline/export/clip_fit.py). A wider clip is a coarser step: fewer bytes, more
-    quantization error. s = 1 when the blob fits as it is, so a run that fits is unchanged."""
+    quantization error. s = 1 when the blob fits as it is, so a run that fits is unchanged. Only
+    quant.rules are widened; quant.compare plans keep their own clips."""
 
     max_scale: float = constrained(1.5, gt=1, le=10)
     steps: int = constrained(4, ge=1, le=20)

@@ -1,18 +1,20 @@
-"""Settings a recipe sets that its own choices never read: said, not silently ignored.
+"""Settings a recipe sets that have no effect under its own choices: said, not silently ignored.
 
 A recipe (or `--set`) can change a setting that only one mode reads while the recipe runs another:
 `ttt.lora_rank` under `ttt.mode: score_first`, `train.coprime.*` with the sequential loader,
-`ema.decay` with EMA off. Such a value changes nothing, and a user who set it expects that it does.
-It is not an error, because flipping a mode from the command line (`pgolf run frontier --set
-ttt.mode=score_first`) leaves the other mode's settings in the recipe on purpose; `pgolf check` and
-`pgolf run` print one `note:` line per such setting, naming what would read it.
+`ema.decay` with EMA off, the TTT learning rate with `ttt.epochs: 0`. Such a value changes no
+computation, and a user who set it expects that it does. It is not an error, because flipping a
+mode from the command line (`pgolf run frontier --set ttt.mode=score_first`) leaves the other
+mode's settings in the recipe on purpose; `pgolf check` and `pgolf run` print one `note:` line per
+such setting, naming what would make it count, and one line saying that it is still part of the
+recipe (its hash keys the stage caches, and the script embeds it).
 
 A setting counts as set when it differs from its dataclass default (pipeline.config). The table
-below says, per setting, when it is read; it follows the code that reads it (eval/ttt.py,
-eval/ttt_lora.py, pipeline/data/coprime_loader.py, pipeline/optim/grad_transforms.py,
-pipeline/stages/ema.py, pipeline/export/calibration.py).
+below says, per setting, when it takes effect; it follows the code that reads it (eval/ttt.py,
+eval/ttt_lora.py, eval/windows.py, pipeline/data/coprime_loader.py,
+pipeline/optim/grad_transforms.py, pipeline/stages/ema.py, pipeline/export/calibration.py).
 
-    inert_settings(recipe) -> ["ttt.lora_rank=8 is not read: ttt.mode is score_first; ...", ...]
+    inert_settings(recipe) -> ["ttt.lora_rank=8 has no effect: ttt.mode is score_first; ...", ..., "such a ..."]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Callable, Optional
 
 from pipeline.config import Recipe
 
-# A rule returns None when the setting is read, else the reason it is not.
+# A rule returns None when the setting takes effect, else the reason it does not.
 Rule = Callable[[Recipe], Optional[str]]
 
 
@@ -40,12 +42,15 @@ def _ttt_mode(*modes: str) -> Rule:
     return rule
 
 
-def _ttt_training(*modes: str) -> Rule:
-    """Read by the TTT updates of `modes`; phased_lora runs them only in its global SGD phases."""
+def _ttt_training(*modes: str, epochs: bool = False) -> Rule:
+    """Read by the TTT updates of `modes`; phased_lora runs them only in its global SGD phases, and
+    no mode updates with ttt.epochs 0 (`epochs`: the rule of ttt.epochs itself, read even then)."""
     def rule(r: Recipe) -> Optional[str]:
         reason = _ttt_mode(*modes)(r)
         if reason is None and r.ttt.mode == "phased_lora" and r.ttt.phase_prefix_docs == 0:
             return "ttt.phase_prefix_docs is 0 (no global SGD phases)"
+        if reason is None and not epochs and r.ttt.epochs == 0:
+            return "ttt.epochs is 0 (no TTT updates)"
         return reason
     return rule
 
@@ -64,6 +69,13 @@ def _ttt_optimizer(name: str) -> Rule:
     return rule
 
 
+def _stride(r: Recipe) -> Optional[str]:
+    # sliding and PR #298's windows step by it, and so does score-first TTT's scoring, whatever eval.mode
+    if r.eval.mode in ("sliding", "pr298_all_positions") or (r.ttt.enabled and r.ttt.mode == "score_first"):
+        return None
+    return f"eval.mode is {r.eval.mode}, and no score-first TTT scores by sliding windows"
+
+
 def _calibrating(r: Recipe) -> Optional[str]:
     from pipeline.export.calibration import calibrating_schemes
 
@@ -76,12 +88,14 @@ _LORA = ("lora_rank", "lora_alpha", "lora_lr", "lora_beta1", "lora_beta2", "lora
 RULES: dict[str, Rule] = {
     "ttt.mode": _ttt_on,
     # the updates' settings; batch_seqs bounds an update pass (phased_lora scores lora_batch_docs at once)
-    **{f"ttt.{k}": _ttt_training(*_ALL_MODES) for k in ("epochs", "lr", "min_lr", "weight_decay", "grad_clip",
-                                                         "batch_seqs", "freeze_blocks")},
+    "ttt.epochs": _ttt_training(*_ALL_MODES, epochs=True),
+    **{f"ttt.{k}": _ttt_training(*_ALL_MODES) for k in ("lr", "min_lr", "weight_decay", "grad_clip", "batch_seqs",
+                                                         "freeze_blocks")},
     **{f"ttt.{k}": _ttt_mode("phased_lora") for k in _LORA},
     "ttt.phases": _ttt_training("phased_lora"),
     "ttt.chunk_tokens": _ttt_training("score_first", "phased_lora"),
-    "ttt.optimizer": _ttt_training("score_first", "phased_lora"),
+    # pre_score_full_val always runs AdamW: the one value besides the default is then what runs
+    "ttt.optimizer": _ttt_training(*_ALL_MODES),
     "ttt.warmup_epochs": _ttt_mode("pre_score_full_val"),
     "ttt.momentum": _ttt_optimizer("sgd"),
     "ttt.beta1": _ttt_optimizer("adamw"),
@@ -91,6 +105,7 @@ RULES: dict[str, Rule] = {
     else "optim.grad_conditioning.mode is fixed",
     "optim.grad_conditioning.hyper_lr_bias": lambda r: None if r.optim.grad_conditioning.mode == "hypergradient"
     else "optim.grad_conditioning.mode is fixed",
+    "eval.stride": _stride,
     "ema.decay": lambda r: None if r.ema.enabled else "ema.enabled is false",
     "quant.calibration_batches": _calibrating,
 }
@@ -120,10 +135,14 @@ def _changed(recipe: Recipe, path: str) -> list[str]:
 
 
 def inert_settings(recipe: Recipe) -> list[str]:
-    """One sentence per setting `recipe` changes from its default that nothing in this recipe reads."""
+    """One sentence per setting `recipe` changes from its default that has no effect in this recipe,
+    then (when there is any) one sentence on what such a setting still does."""
     out = []
     for path, rule in RULES.items():
         changed = _changed(recipe, path)
         reason = rule(recipe) if changed else None
-        out += [f"{setting} is not read: {reason}" for setting in changed] if reason else []
+        out += [f"{setting} has no effect: {reason}" for setting in changed] if reason else []
+    if out:  # still part of the recipe: its hash (stage caches) and the script's embedded recipe
+        out.append("such a setting changes no computation, but it is part of the recipe: it keys the "
+                   "stage caches (a new value retrains) and counts in train_gpt.py's bytes; remove it if unwanted")
     return out

@@ -257,6 +257,12 @@ def cross_field_problems(r: C.Recipe, bad: set[str]) -> list[Problem]:
     if r.quant.fit_clip is not None and not any(rule.clip_sigmas is not None for rule in r.quant.rules):
         add(["quant.fit_clip"], "quant.fit_clip widens SD-clip, but no rule in quant.rules sets clip_sigmas; "
                                 "set clip_sigmas on the int6/int8 rules or remove quant.fit_clip.")
+    fit = r.quant.fit_clip
+    if fit is not None and ok("quant.fit_clip.margin_bytes", "package.cap_bytes") \
+            and fit.margin_bytes >= r.package.cap_bytes:
+        add(["quant.fit_clip.margin_bytes", "package.cap_bytes"],
+            f"quant.fit_clip.margin_bytes ({fit.margin_bytes:,}) must be below package.cap_bytes "
+            f"({r.package.cap_bytes:,}): the artifact must fit the cap less the margin.")
     names = [p.name for p in r.quant.compare]
     for i, name in enumerate(names):
         if name in names[:i]:

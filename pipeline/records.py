@@ -218,7 +218,9 @@ def summarize(recipe: Recipe, logs: list[SeedLog], track: str, hardware: str, co
                                      "artifact_bytes": x["bytes_total"], "bytes_model": x["bytes_model"],
                                      "steps": x["steps"], "step_avg_ms": 1000 * x["train_time_s"] / max(x["steps"], 1),
                                      "train_time_s": x["train_time_s"], "eval_time_s": x["eval_time_s"],
-                                     "artifact_sha256": x["artifact_sha256"], "log": f"train_seed{seed}.log"}
+                                     "artifact_sha256": x["artifact_sha256"],
+                                     "clip_scale": x.get("clip_scale"),  # quant.fit_clip's, None without it
+                                     "log": f"train_seed{seed}.log"}
                          for seed, x in f.items()},
         "bytes_total": max(totals), "bytes_code": code_bytes,
         "artifact_bytes_mean": stats["bytes_total"]["mean"], "artifact_bytes_max": max(totals),

@@ -27,9 +27,12 @@ from pipeline.provenance import FileHashCache, cache_root, code_identity, data_i
 from pipeline.stage_cache import StageCache
 from pipeline.stages import evaluate as ev
 from pipeline.stages.base import Context, Logger, Stage
-from pipeline.stages.report import legality_tag
+from pipeline.stages.report import REPORT_JSON, legality_tag
 from pipeline.stages.sequence import STAGES
 from pipeline.stages.train import training_config
+
+
+REPORT_PLOT = "report.png"
 
 
 def run_dir_for(recipe: Recipe, out_root: Path, data_tag: str) -> Path:
@@ -79,7 +82,11 @@ def run_cached(stage: Stage, ctx: Context, run_dir: Path) -> dict:
     if reason:
         ctx.log(f"stage {stage.name} runs again: {reason}")
     if ctx.dist.is_main:
-        cache.start()
+        cache.start(stage.files)
+        # the run's report and plot are derived from every stage: gone until the report stage rewrites them
+        for derived in (_run_path(run_dir, "report", REPORT_JSON), run_dir / REPORT_PLOT):
+            if derived.exists():
+                derived.unlink()
     barrier(ctx.dist)
     outputs = stage.run(ctx)
     if ctx.dist.is_main:
@@ -122,5 +129,5 @@ def run_recipe(recipe: Recipe, data_dir: Path, out_root: Path, dist_info: DistIn
     if dist_info.is_main:
         from pipeline.plots import plot_run
 
-        plot_run(report, ctx.outputs["train"]["history"], run_dir / "report.png")
+        plot_run(report, ctx.outputs["train"]["history"], run_dir / REPORT_PLOT)
     return report

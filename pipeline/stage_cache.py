@@ -3,7 +3,7 @@ produced its outputs is unchanged and its output files are intact.
 
     cache = StageCache(run_dir / "export", key_doc)
     outputs, reason = cache.lookup()          # (None, why) when it must run
-    cache.start(); outputs = stage.run(ctx); cache.finish(outputs, ("model.bin",))
+    cache.start(("model.bin",)); outputs = stage.run(ctx); cache.finish(outputs, ("model.bin",))
 
 `key_doc` holds the stage's slice of the run's settings, the content hashes of the data it reads,
 the code's identity and a hash of every upstream stage's outputs; the manifest stores it, its
@@ -78,11 +78,14 @@ class StageCache:
                 return None, f"{name} does not match its manifest (sha256 {actual[:12]}…, recorded {recorded[:12]}…)"
         return manifest["outputs"], ""
 
-    def start(self) -> None:
+    def start(self, files: tuple[str, ...] = ()) -> None:
+        """Before the stage runs again: its manifest and its output `files` go, so a rerun that fails
+        leaves nothing that looks complete or current (a stale blob beside a failed export)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        stale = self.dir / MANIFEST
-        if stale.exists():
-            stale.unlink()  # a half-finished rerun must never look complete
+        for name in (MANIFEST, *files):
+            stale = self.dir / name
+            if stale.exists():
+                stale.unlink()
         self._t0 = time.perf_counter()
 
     def finish(self, outputs: dict, files: tuple[str, ...] = ()) -> None:

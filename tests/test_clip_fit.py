@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from pipeline.config import PackageConfig
-from pipeline.errors import SizeCapError, UserError
+from pipeline.errors import UserError
 from pipeline.export import codec
 from pipeline.export.artifact import serialize
 from pipeline.export.clip_fit import fit_clip, scaled, smallest_fitting_scale
@@ -42,9 +43,38 @@ def test_bisection_finds_the_smallest_fitting_scale_to_its_resolution():
     assert len(trials) == 2 + 4 and trials[:2] == [(1.0, 1000), (1.5, 666)]
     assert total(scale) <= 800 and total(scale - 0.5 / 2 ** 4) > 800
     assert smallest_fitting_scale(total, 1000, 1.5, 4) == (1.0, [(1.0, 1000)])  # fits: one trial, untouched
-    with pytest.raises(SizeCapError, match=r"even with every clip_sigmas widened 1.5x .*1,000 bytes at the "
-                                           r"recipe's clips, 666 at 1.5x"):
-        smallest_fitting_scale(total, 600, 1.5, 4)
+    assert smallest_fitting_scale(total, 600, 1.5, 4) == (None, [(1.0, 1000), (1.5, 666)])
+
+
+@pytest.mark.parametrize("sets, code_bytes, advice", [
+    ([], 10, r"limit of 600 bytes \(package.cap_bytes\) .* \(1,000 bytes at 1x, 666 bytes at 1.5x, code included\); "
+             r"raise quant.fit_clip.max_scale \(at most 10\)"),
+    (["quant.fit_clip.max_scale=10"], 10, r"widened 10x .*; use fewer parameters or a stronger quant plan"),
+    (["quant.fit_clip.margin_bytes=400"], 700,  # the limit spelled out, and the code alone is over it
+     r"limit of 200 bytes \(package.cap_bytes 600 less quant.fit_clip.margin_bytes 400\) .* the code alone is 700 "
+     r"bytes, so no model fits; raise the limit"),
+])
+def test_a_fit_that_cannot_succeed_says_why_and_what_could(sets, code_bytes, advice):
+    from pipeline.export.clip_fit import no_fit_message
+
+    recipe = load_recipe("tiny", [RULES, "quant.fit_clip={}", "package.cap_bytes=600", *sets])
+    trials = [(1.0, 1000), (recipe.quant.fit_clip.max_scale, 666)]
+    assert re.search(advice, no_fit_message(recipe.quant, recipe.package, code_bytes, trials))
+
+
+def test_a_margin_at_or_over_the_cap_is_refused_at_load():
+    with pytest.raises(UserError, match=r"quant.fit_clip.margin_bytes \(500,000\) must be below package.cap_bytes "
+                                        r"\(400,000\)"):
+        load_recipe("tiny", [RULES, "quant.fit_clip={margin_bytes: 500000}", "package.cap_bytes=400000"])
+
+
+def test_clip_sigmas_rules_that_quantize_no_tensor_are_refused():
+    # tiny's fp16 rule for small tensors comes first and takes every tensor the clip rule matches
+    shadowed = ("quant.rules=[{scheme: fp16, max_numel: 100000000}, "
+                "{scheme: int6, pattern: '\\.w$', clip_sigmas: 3.0}]")
+    quant = load_recipe("tiny", [shadowed, "quant.fit_clip={}"]).quant
+    with pytest.raises(UserError, match=r"no tensor is quantized under a rule with clip_sigmas: quant.rules \[1\]"):
+        fit_clip(_state(), quant, PackageConfig(), code_bytes=0, meta={})
 
 
 def test_scaled_multiplies_only_the_rules_that_set_clip_sigmas():
@@ -109,7 +139,8 @@ def test_a_run_over_the_cap_fits_and_says_by_how_much(small_data, tmp_path):
                         small_data, tmp_path / "b", init("cpu"), echo=lines.append, code_bytes=0)
     assert 1.0 < report["clip_scale"] <= 1.5 and report["bytes_total"] <= cap
     (line,) = [x for x in lines if x.startswith("clip_fit ")]
-    assert line.startswith(f"clip_fit clip_scale={report['clip_scale']:.6f} tried(scale:bytes_total)=1.0000:")
+    assert line.startswith(f"clip_fit clip_scale={report['clip_scale']:.6f} tried(scale:bytes_total)=1.000000:")
+    assert f"summary clip_scale={report['clip_scale']}" in lines
     (export,) = list((tmp_path / "b").glob("tiny/*/seed1337/export/model.bin"))
     doc = json.loads(json.dumps(codec.decode_artifact(export.read_bytes())[1]))
     assert doc["tensors"]["blocks.0.mlp.fc.weight"]["clip_sigmas"] == pytest.approx(3.0 * report["clip_scale"])
@@ -145,6 +176,12 @@ def test_check_predicts_the_scale_or_says_none_fits():
     line = next(x for x in out.output.splitlines() if x.startswith("predicted_clip_scale="))
     scale, fitted = float(line.split()[0].split("=")[1]), int(line.split()[1].split("=")[1])
     assert 1.0 < scale <= 2.0 and total - 3000 - 2000 < fitted <= total - 3000
+    # the search starts from predicted_bytes_total itself: with room to spare it is that total, at scale 1
+    roomy = CliRunner().invoke(cli, ["check", "tiny", *sets, "--set", "quant.fit_clip={}"]).output
+    own = int(next(x for x in roomy.splitlines() if x.startswith("predicted_bytes_total=")).split("=")[1])
+    assert f"predicted_clip_scale=1.0000 predicted_bytes_total_fitted={own} " in roomy
     out = CliRunner().invoke(cli, ["check", "tiny", *sets, "--set", "package.cap_bytes=1000",
                                    "--set", "quant.fit_clip={}"])
-    assert "predicted_clip_scale=none (over the cap even with clip_sigmas x1.5" in out.output
+    assert "predicted_clip_scale=none (quant.fit_clip: the artifact does not fit its limit of 1,000 bytes " \
+           "(package.cap_bytes) even with every clip_sigmas widened 1.5x" in out.output
+    assert "the code alone is" in out.output

@@ -68,7 +68,7 @@ def test_every_figure_comes_from_the_scripts_logs(submitted):
                                                  f"bytes_total={log.figures['bytes_total']}"
         row = sub["seed_results"][str(s)]
         for key in ("val_bpb", "val_loss", "val_bpb_prequant", "val_bpb_roundtrip", "val_bpb_ttt", "bytes_model",
-                    "steps", "train_time_s", "eval_time_s", "artifact_sha256"):
+                    "steps", "train_time_s", "eval_time_s", "artifact_sha256", "clip_scale"):
             assert row[key] == log.figures[key], key
         assert row["artifact_bytes"] == log.figures["bytes_total"]
         # bytes_total is the shipped script plus the blob that run wrote

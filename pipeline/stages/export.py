@@ -134,7 +134,7 @@ def _run_export(ctx: Context) -> dict:
     for line in size_lines(result):
         ctx.log(line)
     if "clip_scale" in result:
-        tried = " ".join(f"{scale:.4f}:{total}" for scale, total in result["clip_fit_trials"])
+        tried = " ".join(f"{scale:.6f}:{total}" for scale, total in result["clip_fit_trials"])
         ctx.log(f"clip_fit clip_scale={result['clip_scale']:.6f} tried(scale:bytes_total)={tried}")
     codec_note = "" if group_codec(r.package.compressor) == r.package.compressor else \
         f" codec={group_codec(r.package.compressor)}"  # pergroup's per-group estimate is brotli's
@@ -162,4 +162,4 @@ def export_config(ctx: Context) -> dict:
             "meta": blob_meta(ctx.recipe), "code_bytes": ctx.code_bytes}
 
 
-EXPORT = Stage("export", depends_on=export_config, data_inputs=(), files=(BLOB,), run=_run_export)
+EXPORT = Stage("export", depends_on=export_config, data_inputs=(), files=(BLOB, BLOB + ".sha256"), run=_run_export)

@@ -29,7 +29,7 @@ REPORT_JSON = "report.json"
 # The figures logged as `summary` lines, in this order (the records parser reads these).
 SUMMARY_KEYS = (
     "recipe", "seed", "val_bpb", "val_loss", "val_bpb_prequant", "val_bpb_roundtrip", "val_bpb_ttt",
-    "ttt_compliant", "causal", "params", "bytes_model", "bytes_code", "bytes_total", "cap_bytes",
+    "ttt_compliant", "causal", "params", "bytes_model", "bytes_code", "bytes_total", "cap_bytes", "clip_scale",
     "artifact_sha256", "steps", "stopped_by", "train_time_s", "eval_time_s", "diagnostic_time_s", "tokens_seen",
     "val_tokens", "val_bytes", "val_top1_accuracy", "train_top1_accuracy", "train_bpb", "val_sha256",
     "val_token_count", "byte_source", "eval_mode", "device", "device_name",
