@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from pipeline.errors import UserError
-from pipeline.stages.train import CHECKPOINT, atomic_save, rng_state, set_rng_state
+from pipeline.stages.train import CHECKPOINT, atomic_save
 
 
 class Checkpointer:
@@ -43,10 +43,7 @@ class Checkpointer:
 
     def _state(self, tr) -> dict:
         return {"step": tr.step, "train_time": tr.train_time, "tokens_seen": tr.tokens_seen,
-                "world_size": tr.dist.world_size, "model": tr.model.state_dict(),
-                "optimizers": [o.state_dict() for o in tr.optimizers],
-                "ema": tr.ema.state_dict() if tr.ema else None, "loader": tr.loader.state_dict(),
-                "grad_conditioning": tr.grad_state.state_dict(), "rng": rng_state(), "history": tr.history,
+                "world_size": tr.dist.world_size, **tr.training_state(), "history": tr.history,
                 "checkpoint_key": self.key}
 
     def save(self, tr) -> bool:
@@ -92,14 +89,7 @@ class Checkpointer:
                 raise UserError(f"{mine_path} is from step {mine['step']}, the checkpoint from step "
                                 f"{state['step']}; delete {self.out_dir} to start over.")
             optim_states = mine["optimizers"]
-        tr.model.load_state_dict(state["model"])
-        for opt, s in zip(tr.optimizers, optim_states):
-            opt.load_state_dict(s)
-        if tr.ema is not None:
-            tr.ema.load_state_dict(state["ema"])
-        tr.grad_state.load_state_dict(state["grad_conditioning"])
-        tr.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        tr.load_training_state(state | {"optimizers": optim_states})
         tr.step, tr.train_time, tr.tokens_seen = state["step"], state["train_time"], state["tokens_seen"]
         tr.history = state["history"]
         self.log(f"resume step={tr.step} train_time={tr.train_time:.1f}s from={path}")

@@ -328,6 +328,26 @@ class Trainer:
                 total += loss.detach()
         return total
 
+    # ------------------------------------------------------------------ state
+    def training_state(self) -> dict:
+        """Model, optimizers, EMA, gradient conditioning, loader position and RNG: what a checkpoint
+        keeps (pipeline.stages.checkpoint) and priming restores. References, not copies."""
+        return {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+                "ema": self.ema.state_dict() if self.ema else None,
+                "grad_conditioning": self.grad_state.state_dict(), "loader": self.loader.state_dict(),
+                "rng": rng_state()}
+
+    def load_training_state(self, state: dict) -> None:
+        """Inverse of `training_state`."""
+        self.model.load_state_dict(state["model"])
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.grad_state.load_state_dict(state["grad_conditioning"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+
     # ------------------------------------------------------------------ priming
     def prime(self) -> None:
         """Compile-priming steps on real batches, then restore everything (not timed)."""
@@ -335,21 +355,10 @@ class Trainer:
         if n <= 0:
             return
         t0 = time.perf_counter()
-        snapshot = copy.deepcopy({"model": self.model.state_dict(),
-                                  "opt": [o.state_dict() for o in self.optimizers],
-                                  "ema": self.ema.state_dict() if self.ema else None,
-                                  "grad_conditioning": self.grad_state.state_dict(),
-                                  "loader": self.loader.state_dict(), "rng": rng_state()})
+        snapshot = copy.deepcopy(self.training_state())
         for _ in range(n):
             self.train_step()
-        self.model.load_state_dict(snapshot["model"])
-        for opt, s in zip(self.optimizers, snapshot["opt"]):
-            opt.load_state_dict(s)
-        if self.ema is not None:
-            self.ema.load_state_dict(snapshot["ema"])
-        self.grad_state.load_state_dict(snapshot["grad_conditioning"])
-        self.loader.load_state_dict(snapshot["loader"])
-        set_rng_state(snapshot["rng"])
+        self.load_training_state(snapshot)
         self.tokens_seen = 0
         self.log(f"priming_done steps={n} time={time.perf_counter() - t0:.1f}s (compiles; state restored; not timed)")
 
