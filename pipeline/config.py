@@ -360,6 +360,9 @@ class LqerConfig:
     top_k: int = constrained(3, ge=1)
 
 
+CLIP_FIT_MAX_SCALE = 10.0
+
+
 @dataclass(frozen=True)
 class ClipFitConfig:
     """Fit the artifact under the cap by widening SD-clip (pg_mechanics.md §7.1 step 4: "SDClip k is
@@ -370,7 +373,7 @@ class ClipFitConfig:
     quantization error. s = 1 when the blob fits as it is, so a run that fits is unchanged. Only
     quant.rules are widened; quant.compare plans keep their own clips."""
 
-    max_scale: float = constrained(1.5, gt=1, le=10)
+    max_scale: float = constrained(1.5, gt=1, le=CLIP_FIT_MAX_SCALE)
     steps: int = constrained(4, ge=1, le=20)
     margin_bytes: int = constrained(0, ge=0)
 

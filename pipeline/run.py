@@ -115,7 +115,7 @@ def run_recipe(recipe: Recipe, data_dir: Path, out_root: Path, dist_info: DistIn
         f"data={data_dir} data_tag={ident['tag']} train_shards={len(data.train_shards)} "
         f"val_tokens={data.val_tokens.size}")
     log(f"run_dir={run_dir}")
-    for note in inert_settings(recipe):  # set but not read by this recipe's modes: said, not ignored
+    for note in inert_settings(recipe):  # settings with no effect in this recipe: said, not ignored
         log(f"note: {note}")
     ctx = Context(recipe=recipe, dist=dist_info, data=data, log=log, code_bytes=code_bytes,
                   path=lambda stage, name: _run_path(run_dir, stage, name), checkpoint_dir=run_dir / "train",

@@ -22,13 +22,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
-from pipeline.config import PackageConfig, QuantConfig
+from pipeline.config import CLIP_FIT_MAX_SCALE, PackageConfig, QuantConfig
 from pipeline.errors import SizeCapError, UserError
 from pipeline.export.artifact import serialize
 from pipeline.export.codec import compress
 from pipeline.export.plan import QuantizedModel, named_shapes_of, quantize_state_dict, resolve_plan
-
-MAX_SCALE = 10.0  # quant.fit_clip.max_scale's upper bound (pipeline.config.ClipFitConfig)
 
 
 def scaled(quant: QuantConfig, scale: float) -> QuantConfig:
@@ -75,9 +73,9 @@ def no_fit_message(quant: QuantConfig, package: PackageConfig, code_bytes: int,
     tried = ", ".join(f"{total:,} bytes at {scale:g}x" for scale, total in trials)
     if code_bytes >= limit:
         advice = f"the code alone is {code_bytes:,} bytes, so no model fits; raise the limit"
-    elif cfg.max_scale < MAX_SCALE:
-        advice = (f"raise quant.fit_clip.max_scale (at most {MAX_SCALE:g}), or use fewer parameters or a stronger "
-                  "quant plan")
+    elif cfg.max_scale < CLIP_FIT_MAX_SCALE:
+        advice = (f"raise quant.fit_clip.max_scale (at most {CLIP_FIT_MAX_SCALE:g}), or use fewer parameters or "
+                  "a stronger quant plan")
     else:
         advice = "use fewer parameters or a stronger quant plan (int5 or int6 where rules have int8/fp16)"
     return (f"quant.fit_clip: the artifact does not fit its limit of {limit:,} bytes ({where}) even with every "
@@ -99,7 +97,6 @@ def check_clipped(plan: list[dict], quant: QuantConfig) -> None:
 class FittedExport:
     scale: float  # the clip_sigmas multiplier used (1.0: the recipe's own)
     qmodel: QuantizedModel  # quantized at that scale
-    quant: QuantConfig  # the rules at that scale
     trials: list[tuple[float, int]] = field(default_factory=list)  # (scale, bytes_total) as tried
 
 
@@ -113,14 +110,13 @@ def fit_clip(state: Mapping, quant: QuantConfig, package: PackageConfig, code_by
     best: dict = {}
 
     def total_at(scale: float) -> int:
-        q = scaled(quant, scale)
-        qmodel = quantize_state_dict(state, q, roles=roles, calibration=calibration)
+        qmodel = quantize_state_dict(state, scaled(quant, scale), roles=roles, calibration=calibration)
         total = len(compress(serialize(qmodel, meta), package.compressor, package.level)) + code_bytes
         if total <= limit:  # the bisection only moves down from a fitting scale: the last one is the answer
-            best.update(scale=scale, quant=q, qmodel=qmodel)
+            best.update(scale=scale, qmodel=qmodel)
         return total
 
     scale, trials = smallest_fitting_scale(total_at, limit, cfg.max_scale, cfg.steps)
     if scale is None:
         raise SizeCapError(no_fit_message(quant, package, code_bytes, trials))
-    return FittedExport(scale=scale, quant=best["quant"], qmodel=best["qmodel"], trials=trials)
+    return FittedExport(scale=scale, qmodel=best["qmodel"], trials=trials)
