@@ -41,7 +41,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import UserError
-from pipeline.stats import ALPHA, MARGIN_NATS, WelchResult, describe, welch_improvement
+from pipeline.stats import ALPHA, MARGIN_NATS, WelchResult, describe, fixed8, welch_improvement
 
 # Top-level submission.json fields that name the tokenizer. "tokenizer" and "vocab_size" occur in
 # published records (openai/parameter-golf records/track_10min_16mb/2026-04-06_SP8192_QK5_LegalTTT_1.0828
@@ -285,7 +285,7 @@ class ComparisonResult:
                 out.append(f"{side}_seeds={','.join(s.seeds)}")
             if s.val_bpb is not None:
                 d = describe(s.val_bpb, what=f"{s.source} val_bpb")
-                out += [f"{side}_val_bpb_mean={d['mean']:.8f}", f"{side}_val_bpb_std={d['std']:.8f}"]
+                out += [f"{side}_val_bpb_mean={d['mean']:.8f}", f"{side}_val_bpb_std={fixed8(d['std'])}"]
                 out.append(f"{side}_tokens_per_byte={math.fsum(s.tokens_per_byte()) / len(s.val_loss):.6f}")
         if self.new.val_bpb is not None and self.baseline.val_bpb is not None:
             delta_bpb = math.fsum(self.baseline.val_bpb) / len(self.baseline.val_bpb) \

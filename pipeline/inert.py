@@ -143,6 +143,6 @@ def inert_settings(recipe: Recipe) -> list[str]:
         reason = rule(recipe) if changed else None
         out += [f"{setting} has no effect: {reason}" for setting in changed] if reason else []
     if out:  # still part of the recipe: its hash (stage caches) and the script's embedded recipe
-        out.append("such a setting changes no computation, but it is part of the recipe: it keys the "
-                   "stage caches (a new value retrains) and counts in train_gpt.py's bytes; remove it if unwanted")
+        out.append("such a setting changes no computation, but it is part of the recipe: a new value reruns the "
+                   "stages whose settings hold it, and train_gpt.py embeds it; remove it if unwanted")
     return out

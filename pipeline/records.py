@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pipeline.codegen import extra_needs, script_codec, write_train_gpt
+from pipeline.stats import fixed8
 from pipeline.config import Recipe
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, file_sha256, write_json_atomic
@@ -242,7 +243,15 @@ def summarize(recipe: Recipe, logs: list[SeedLog], track: str, hardware: str, co
     }
 
 
-def _readme(recipe: Recipe, summary: dict, hardware: str, script_text: str) -> str:
+def launch_command(data_dir: Path, tokenizer: Path, nproc: int, device: str) -> str:
+    """How `run_seed` starts the script, as a shell line (SEED=<seed>; data paths by their last part)."""
+    env = f"DATA_PATH=.../{data_dir.name} TOKENIZER_PATH=.../{tokenizer.name} SEED=<seed>"
+    env += f" PGOLF_DEVICE={device}" if device != "auto" else ""
+    runner = f"torchrun --standalone --nproc_per_node={nproc}" if nproc > 1 else "python"
+    return f"{env} {runner} train_gpt.py"
+
+
+def _readme(recipe: Recipe, summary: dict, hardware: str, script_text: str, launch: str) -> str:
     rows = "\n".join(f"| {s} | {v['val_bpb']:.8f} | {v['val_loss']:.8f} | {v['artifact_bytes']:,} | {v['steps']} | "
                      f"{v['train_time_s']:.1f} | {v['eval_time_s']:.1f} |" for s, v in summary["seed_results"].items())
     st = summary["statistics"]["val_bpb"]
@@ -267,10 +276,17 @@ model read back from the compressed artifact: {summary['val_bpb_method']}.
 |---|---|---|---|---|---|---|
 {rows}
 
-Mean val_bpb **{summary['val_bpb']:.8f}** (sample std {summary['val_bpb_std']:.8f}; {interval}).
+Mean val_bpb **{summary['val_bpb']:.8f}** (sample std {fixed8(summary['val_bpb_std'])}; {interval}).
 Hardware: {hardware}.
 {compare}
 ## Run
+
+The logs here were written by this command, once per seed, in this folder (the data paths were the
+running machine's):
+
+    {launch}
+
+On the challenge's machine (8×H100), with its exports for this vocabulary:
 
     DATA_PATH=./data/datasets/fineweb10B_sp{vocab} TOKENIZER_PATH=./data/tokenizers/fineweb_{vocab}_bpe.model \\
     SEED=1337 torchrun --standalone --nproc_per_node=8 train_gpt.py
@@ -403,7 +419,8 @@ def submit(recipe_name: str, seeds: list[int], overrides, data_dir: Optional[Pat
         for seed in seeds:
             shutil.copyfile(staging / f"train_seed{seed}.log", build / f"train_seed{seed}.log")
         write_json_atomic(build / "submission.json", summary)
-        atomic_write(build / "README.md", _readme(recipe, summary, hardware, script.read_text()).encode())
+        atomic_write(build / "README.md", _readme(recipe, summary, hardware, script.read_text(),
+                                                        launch_command(data_dir, tokenizer, nproc, device)).encode())
         from pipeline.plots import plot_records
 
         plot_records(logs, build)
@@ -412,6 +429,6 @@ def submit(recipe_name: str, seeds: list[int], overrides, data_dir: Optional[Pat
     finally:
         if build.exists():
             shutil.rmtree(build)
-    echo(f"submission val_bpb_mean={summary['val_bpb']:.8f} std={summary['val_bpb_std']:.8f} "
+    echo(f"submission val_bpb_mean={summary['val_bpb']:.8f} std={fixed8(summary['val_bpb_std'])} "
          f"bytes_total_max={summary['bytes_total']} track={summary['track']} hardware={hardware}")
     return folder

@@ -20,6 +20,7 @@ from pipeline.config import Recipe
 from pipeline.data.identity import check_meta, published_export_problem
 from pipeline.data.shards import list_shards, read_header
 from pipeline.distributed import DistInfo, barrier, broadcast_from_main
+from pipeline.errors import UserError
 from pipeline.fileio import canonical_hash
 from pipeline.inert import inert_settings
 from pipeline.preflight import preflight
@@ -123,8 +124,15 @@ def run_recipe(recipe: Recipe, data_dir: Path, out_root: Path, dist_info: DistIn
                                   "code": code["runtime_sha256"]},
                   progress_factory=progress_factory, preflight=preflight,
                   provenance={"data": ident, "code": code, "tokenizer_sha256": ident["tokenizer"]})
-    for stage in STAGES:
-        ctx.outputs[stage.name] = run_cached(stage, ctx, run_dir)
+    try:
+        for stage in STAGES:
+            ctx.outputs[stage.name] = run_cached(stage, ctx, run_dir)
+    except UserError as e:  # the CLI prints it; the run's log keeps why the run stopped too
+        log.to_file(f"error: {e}")
+        raise
+    except KeyboardInterrupt:
+        log.to_file("interrupted (Ctrl-C); rerun the same command to resume")
+        raise
     report = ctx.outputs["report"]
     if dist_info.is_main:
         from pipeline.plots import plot_run

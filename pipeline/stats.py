@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 from pipeline.errors import UserError
 
@@ -67,19 +68,24 @@ def describe(values: Sequence[float], *, what: str = "values") -> dict:
     """Summary of per-seed figures (in their own unit: nats/token for val_loss, bits/byte for val_bpb).
 
     Returns {"n", "mean", "std" (sample, ddof = 1), "ci95_low", "ci95_high" (two-sided 95 % Student t
-    interval of the mean), "note"}. With one value the std is 0.0, the interval is None and
-    "note" says why; otherwise "note" is None.
+    interval of the mean), "note"}. With one value the sample std is undefined: std and the interval
+    are None and "note" says why; otherwise "note" is None.
     Raises UserError (naming `what`) on no values, a non-number or a non-finite value.
     """
     xs = _checked(values, what)
     n = len(xs)
     mean, var = _mean_var(xs)
     if n == 1:
-        return {"n": 1, "mean": mean, "std": 0.0, "ci95_low": None, "ci95_high": None,
+        return {"n": 1, "mean": mean, "std": None, "ci95_low": None, "ci95_high": None,
                 "note": "one value: no spread to estimate, so no interval (run more seeds)"}
     std = math.sqrt(var)
     half = float(_student_t().ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "note": None}
+
+
+def fixed8(x: Optional[float]) -> str:
+    """`x` with 8 decimals, or "none" for a figure one value cannot give (a std, an interval)."""
+    return "none" if x is None else f"{x:.8f}"
 
 
 @dataclass(frozen=True)
@@ -114,9 +120,9 @@ class WelchResult:
         kv: list[tuple[str, str]] = []
         for side, d in (("new", self.new), ("baseline", self.baseline)):
             kv += [(f"{side}_n", str(d["n"])), (f"{side}_val_loss_mean", f"{d['mean']:.8f}"),
-                   (f"{side}_val_loss_std", f"{d['std']:.8f}"),
-                   (f"{side}_val_loss_ci95_low", f"{d['ci95_low']:.8f}"),
-                   (f"{side}_val_loss_ci95_high", f"{d['ci95_high']:.8f}")]
+                   (f"{side}_val_loss_std", fixed8(d["std"])),
+                   (f"{side}_val_loss_ci95_low", fixed8(d["ci95_low"])),
+                   (f"{side}_val_loss_ci95_high", fixed8(d["ci95_high"]))]
         kv += [
             ("margin_nats", f"{self.margin:g}"), ("alpha", f"{self.alpha:g}"),
             ("delta_nats", f"{self.delta:.8f}"),  # baseline − new: positive means NEW is better

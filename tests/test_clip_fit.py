@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import PackageConfig
-from pipeline.errors import UserError
+from pipeline.errors import SizeCapError, UserError
 from pipeline.export import codec
 from pipeline.export.artifact import serialize
 from pipeline.export.clip_fit import fit_clip, scaled, smallest_fitting_scale
@@ -144,6 +144,14 @@ def test_a_run_over_the_cap_fits_and_says_by_how_much(small_data, tmp_path):
     (export,) = list((tmp_path / "b").glob("tiny/*/seed1337/export/model.bin"))
     doc = json.loads(json.dumps(codec.decode_artifact(export.read_bytes())[1]))
     assert doc["tensors"]["blocks.0.mlp.fc.weight"]["clip_sigmas"] == pytest.approx(3.0 * report["clip_scale"])
+    # a cap no scale reaches: refused, the reason in the run's log too, and no blob or report of the
+    # earlier export left looking current
+    with pytest.raises(SizeCapError, match="quant.fit_clip: the artifact does not fit"):
+        run_recipe(load_recipe("tiny", [*sets, f"package.cap_bytes={cap // 2}", "quant.fit_clip={steps: 3}"]),
+                   small_data, tmp_path / "b", init("cpu"), echo=lambda s: None, code_bytes=0)
+    run_dir = export.parent.parent
+    assert not export.exists() and not (run_dir / "report.json").exists()
+    assert (run_dir / "train.log").read_text().splitlines()[-1].startswith("error: quant.fit_clip: the artifact")
 
 
 @pytest.mark.parametrize("tails", ["laplace", "student_t5"])

@@ -15,8 +15,8 @@ from pipeline.recipe import load_recipe
 from pipeline.recipe_files import RECIPES_DIR
 
 
-TAIL = ("such a setting changes no computation, but it is part of the recipe: it keys the stage caches (a new "
-        "value retrains) and counts in train_gpt.py's bytes; remove it if unwanted")
+TAIL = ("such a setting changes no computation, but it is part of the recipe: a new value reruns the stages whose "
+        "settings hold it, and train_gpt.py embeds it; remove it if unwanted")
 
 
 def inert_settings(recipe) -> list[str]:

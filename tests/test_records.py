@@ -49,6 +49,9 @@ def test_folder_holds_exactly_the_challenge_files(submitted):
     assert "Non-record submission" in readme and "train_gpt.py" in readme
     # the run command names this vocabulary's exports, and the README says what the script says it needs
     assert "DATA_PATH=./data/datasets/fineweb10B_sp320 TOKENIZER_PATH=./data/tokenizers/fineweb_320_bpe.model" in readme
+    # and the command these logs were really written by: one CPU process on the prepared folder
+    assert "    DATA_PATH=.../prepared TOKENIZER_PATH=.../tokenizer.model SEED=<seed> PGOLF_DEVICE=cpu python " \
+           "train_gpt.py\n" in readme
     script = (folder / "train_gpt.py").read_text()
     needs = [" ".join(re.search(pattern, text, re.DOTALL).group(1).split())
              for pattern, text in ((r"Needs (.*?)\. pgolf", script), (r"it needs (.*?)\.\n", readme))]

@@ -173,7 +173,7 @@ def test_describe_reproduces_published_summaries():
 
 def test_describe_one_value_and_bad_values():
     d = describe([2.5])
-    assert d == {"n": 1, "mean": 2.5, "std": 0.0, "ci95_low": None, "ci95_high": None, "note": d["note"]}
+    assert d == {"n": 1, "mean": 2.5, "std": None, "ci95_low": None, "ci95_high": None, "note": d["note"]}
     assert "no spread" in d["note"]
     for bad, fragment in (([], "no values"), ([1.0, float("nan")], "non-finite"), ([None], "must be a number")):
         with pytest.raises(UserError, match=fragment):

@@ -75,7 +75,11 @@ class Logger:
         if self.tag:
             line = f"{line} {self.tag}"
         self.echo(line)
-        if self.path is not None:
+        self.to_file(line)
+
+    def to_file(self, line: str) -> None:
+        """`line` to the log file only (what the console already shows another way, e.g. the CLI's error)."""
+        if self.enabled and self.path is not None:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
 

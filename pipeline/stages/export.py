@@ -138,6 +138,9 @@ def _run_export(ctx: Context) -> dict:
         ctx.log(f"clip_fit clip_scale={result['clip_scale']:.6f} tried(scale:bytes_total)={tried}")
     codec_note = "" if group_codec(r.package.compressor) == r.package.compressor else \
         f" codec={group_codec(r.package.compressor)}"  # pergroup's per-group estimate is brotli's
+    if result["groups"]:
+        ctx.log("export_groups: each group's tensors compressed on their own, an estimate of its share of the blob "
+                "(one stream over all groups packs differently)")
     for group, g in result["groups"].items():
         ctx.log(f"export_group group={group} tensors={g['tensors']} raw_bytes={g['raw_bytes']} "
                 f"compressed_bytes={g['compressed_bytes']}{codec_note}")
