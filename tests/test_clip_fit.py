@@ -93,7 +93,7 @@ def test_fit_clip_lands_just_under_the_cap_with_the_real_packer():
     fitted = fit_clip(state, quant, package, code_bytes=100, meta={})
     assert 1.0 < fitted.scale <= 1.5 and len(fitted.trials) == 7
     blob = codec.compress(serialize(fitted.qmodel, {}), "zstd", 22)
-    assert len(blob) + 100 <= cap
+    assert fitted.packed == blob and len(blob) + 100 <= cap  # the blob export writes, packed once
     # one bisection step lower does not fit: the smallest scale to the search's resolution
     assert _total(state, quant0, zstd, fitted.scale - 0.5 / 2 ** 5) + 100 > cap
     # the chosen clips are what the blob records

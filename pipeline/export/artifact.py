@@ -85,16 +85,18 @@ def group_breakdown(qmodel: QuantizedModel, cfg: PackageConfig) -> dict[str, dic
 
 
 def package_model(qmodel: QuantizedModel, blob_path, cfg: PackageConfig, code_bytes: int,
-                  meta: Mapping, group_report: bool = True) -> dict:
+                  meta: Mapping, group_report: bool = True, packed: bytes | None = None) -> dict:
     """Write the artifact to `blob_path` and return its accounting: bytes_model / bytes_code /
     bytes_total (bytes), cap_bytes, headroom, sha256, label, groups (see group_breakdown), plan.
-    Raises SizeCapError over the cap (and removes any stale blob at `blob_path`)."""
+    `packed`: serialize(qmodel, meta) already compressed under `cfg` by the caller (quant.fit_clip's
+    last fitting trial), so a slow packer does not run twice. Raises SizeCapError over the cap (and
+    removes any stale blob at `blob_path`)."""
     if not isinstance(code_bytes, int) or code_bytes < 0:
         raise UserError(f"code_bytes must be a non-negative integer, got {code_bytes!r}")
     path = Path(blob_path)
     side = path.with_name(path.name + ".sha256")
     raw = serialize(qmodel, meta)
-    blob = compress(raw, cfg.compressor, cfg.level)
+    blob = packed if packed is not None else compress(raw, cfg.compressor, cfg.level)
     total = len(blob) + code_bytes
     if total > cfg.cap_bytes:
         for stale in (path, side):

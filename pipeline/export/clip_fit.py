@@ -13,7 +13,7 @@ Only quant.rules are widened: quant.compare plans are reported at their own clip
 Imported by name (pipeline.export.codec.extension) only for recipes with `quant.fit_clip`.
 
     fitted = fit_clip(state, recipe.quant, recipe.package, code_bytes, meta, roles=roles, calibration=cal)
-    fitted.scale, fitted.qmodel, fitted.trials  # [(scale, bytes_total), ...] in the order tried
+    fitted.scale, fitted.qmodel, fitted.packed, fitted.trials  # trials: [(scale, bytes_total), ...] as tried
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def check_clipped(plan: list[dict], quant: QuantConfig) -> None:
 class FittedExport:
     scale: float  # the clip_sigmas multiplier used (1.0: the recipe's own)
     qmodel: QuantizedModel  # quantized at that scale
+    packed: bytes  # serialize(qmodel, meta) compressed by the recipe's packer: the blob to write
     trials: list[tuple[float, int]] = field(default_factory=list)  # (scale, bytes_total) as tried
 
 
@@ -111,12 +112,12 @@ def fit_clip(state: Mapping, quant: QuantConfig, package: PackageConfig, code_by
 
     def total_at(scale: float) -> int:
         qmodel = quantize_state_dict(state, scaled(quant, scale), roles=roles, calibration=calibration)
-        total = len(compress(serialize(qmodel, meta), package.compressor, package.level)) + code_bytes
-        if total <= limit:  # the bisection only moves down from a fitting scale: the last one is the answer
-            best.update(scale=scale, qmodel=qmodel)
-        return total
+        packed = compress(serialize(qmodel, meta), package.compressor, package.level)
+        if len(packed) + code_bytes <= limit:  # the bisection only moves down from a fitting scale: the last wins
+            best.update(qmodel=qmodel, packed=packed)
+        return len(packed) + code_bytes
 
     scale, trials = smallest_fitting_scale(total_at, limit, cfg.max_scale, cfg.steps)
     if scale is None:
         raise SizeCapError(no_fit_message(quant, package, code_bytes, trials))
-    return FittedExport(scale=scale, qmodel=best["qmodel"], trials=trials)
+    return FittedExport(scale=scale, qmodel=best["qmodel"], packed=best["packed"], trials=trials)

@@ -112,7 +112,8 @@ def _run_export(ctx: Context) -> dict:
                 qmodel = fitted.qmodel
             else:
                 qmodel = quantize_state_dict(state, r.quant, roles=roles, calibration=calibration)
-            result = package_model(qmodel, blob, r.package, ctx.code_bytes, meta=blob_meta(r))
+            result = package_model(qmodel, blob, r.package, ctx.code_bytes, meta=blob_meta(r),
+                                   packed=fitted.packed if fitted is not None else None)
             if fitted is not None:
                 result["clip_scale"], result["clip_fit_trials"] = fitted.scale, fitted.trials
             result["compare"] = compare_sizes(state, r, roles, calibration)
