@@ -32,6 +32,14 @@ def atomic_path(path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def atomic_torch_save(obj, path) -> None:
+    """`torch.save(obj, path)`, atomically (torch is imported here: the rest of the module is stdlib)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def atomic_write(path, chunks: Iterable[bytes] | bytes) -> None:
     if isinstance(chunks, (bytes, bytearray)):
         chunks = (chunks,)

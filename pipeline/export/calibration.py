@@ -3,7 +3,7 @@
     schemes = calibrating_schemes(recipe)          # schemes of any plan that declare `calibrate`
     key = calibration_key(recipe)                  # what of it the train stage's cache key holds
     result, seconds = calibrate(recipe, model, shard_paths, dist_info, log)   # train stage
-    save_calibration(result, path); load_calibration(path)                    # train -> export
+    atomic_torch_save(result, path); load_calibration(path)                   # train -> export
 
 A scheme of pipeline.export.codec may declare `calibrate(model, batches) -> {tensor name: tensor}`:
 GPTQ-style schemes need statistics of the trained model on real inputs (per-layer input Hessians,
@@ -95,13 +95,6 @@ def calibrate(recipe: Recipe, model: torch.nn.Module, shard_paths, dist_info,
     seconds = time.perf_counter() - t0
     log(f"calibration schemes={','.join(names)} calibration_time_s={seconds:.1f} (counted in train_time)")
     return result, seconds
-
-
-def save_calibration(result: dict, path) -> None:
-    from pipeline.fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(result, tmp)
 
 
 def load_calibration(path) -> dict:

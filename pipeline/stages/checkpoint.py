@@ -26,7 +26,8 @@ from typing import Callable, Optional
 import torch
 
 from pipeline.errors import UserError
-from pipeline.stages.train import CHECKPOINT, atomic_save
+from pipeline.fileio import atomic_torch_save
+from pipeline.stages.train import CHECKPOINT
 
 
 class Checkpointer:
@@ -54,10 +55,10 @@ class Checkpointer:
             self.log(f"checkpoint not written: {bad} is not finite; the previous checkpoint is kept")
             return False
         if tr.dist.world_size > 1:
-            atomic_save({"step": tr.step, "optimizers": [o.state_dict() for o in tr.optimizers]},
+            atomic_torch_save({"step": tr.step, "optimizers": [o.state_dict() for o in tr.optimizers]},
                          self._rank_optim_path(tr.dist.rank))
         if tr.dist.is_main:
-            atomic_save(self._state(tr), self.path)
+            atomic_torch_save(self._state(tr), self.path)
         return True
 
     def resume(self, tr) -> Optional[int]:

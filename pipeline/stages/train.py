@@ -5,7 +5,7 @@ pipeline.stages.train_stage, runs it).
     result = trainer.run(); model = trainer.ema_model()
 
 One optimizer step = `reference_world_size // world_size` micro-steps, so a single process
-follows the reference 8-GPU trajectory. With a checkpoint folder (pgolf run) the loop saves
+follows the reference 8-GPU trajectory (its batches: pipeline.stages.train_loaders). With a checkpoint folder (pgolf run) the loop saves
 `ckpt.pt` every `checkpoint_every` steps and on Ctrl-C/SIGTERM, and a later call resumes from it
 on the same trajectory (pipeline.stages.checkpoint, imported by name so the shipped script, which
 has no folder, does not carry it). A signal only sets a flag: the loop stops at the next step
@@ -47,7 +47,6 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.config import Recipe, to_dict
 from pipeline.distributed import DistInfo, seed_everything
 from pipeline.errors import NonFiniteLossError, UserError
-from pipeline.fileio import atomic_path
 from pipeline.model import build_model
 from pipeline.optim.build import build_optimizers
 from pipeline.optim.muon import Muon
@@ -56,13 +55,11 @@ from pipeline.optim.grad_transforms import (GradConditioningState, check_grad_co
 from pipeline.optim.schedule import apply_schedule, lr_multiplier, muon_momentum
 from pipeline.stages.ema import EMA
 from pipeline.stages.fast_paths import clip_grad_norm_on_device, resolve_fast_paths, sdpa_kernel_context
+from pipeline.stages.train_loaders import COPRIME_LOADER_MODULE, grad_accum_steps, make_loader
 
 CHECKPOINT = "ckpt.pt"  # in the checkpoint folder (pipeline.stages.checkpoint)
 CHECKPOINT_MODULE = "pipeline.stages.checkpoint"
 CPU_WORKERS_MODULE = "pipeline.stages.cpu_workers"
-# PR #684's loader (train.loader=coprime). The sequential one is imported plainly: the calibration
-# of quantization schemes reads training batches with it (pipeline.export.calibration).
-COPRIME_LOADER_MODULE = "pipeline.data.coprime_loader"
 
 
 def train_modules(recipe: Recipe) -> list[str]:
@@ -83,60 +80,6 @@ class TrainResult:
     stopped_by: str = "max_steps"  # or "wallclock" (train.max_wallclock_s) or "stop_at_step"
 
 
-def grad_accum_steps(recipe: Recipe, world_size: int) -> int:
-    ref = recipe.train.reference_world_size
-    if ref % world_size:
-        raise UserError(f"train.reference_world_size ({ref}) must be a multiple of the world size "
-                        f"({world_size}); run with a number of processes that divides it.")
-    return ref // world_size
-
-
-class MicroStepLoaders:
-    """The coprime loader for one process of a run with gradient accumulation.
-
-    PR #684 plans one global batch of batch_tokens / seq_len windows per optimizer step and rank
-    r takes windows r, r + W, ... With A accumulation micro-steps, micro-step m of rank r acts
-    as virtual rank m*W + r of a world of A*W, so one process reads exactly the windows the
-    reference multi-GPU run reads (and the gradient is the same mean over them)."""
-
-    def __init__(self, recipe: Recipe, shard_paths, dist_info: DistInfo, accum: int):
-        CoprimeShardLoader = importlib.import_module(COPRIME_LOADER_MODULE).CoprimeShardLoader
-        t, world = recipe.train, dist_info.world_size
-        step_seqs = t.batch_tokens // t.seq_len
-        self.loaders = [CoprimeShardLoader(shard_paths, t.seq_len, step_seqs, rank=m * world + dist_info.rank,
-                                           world_size=accum * world, cfg=t.coprime, device=dist_info.device)
-                        for m in range(accum)]
-        self.micro = 0
-
-    def next_batch(self):
-        batch = self.loaders[self.micro].next_batch()
-        self.micro = (self.micro + 1) % len(self.loaders)
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"micro": self.micro, "loaders": [ld.state_dict() for ld in self.loaders]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.micro = state["micro"]
-        for ld, s in zip(self.loaders, state["loaders"]):
-            ld.load_state_dict(s)
-
-    def close(self) -> None:
-        for ld in self.loaders:
-            ld.close()
-
-
-def make_loader(recipe: Recipe, shard_paths, dist_info: DistInfo, accum: int, local_tokens: int):
-    """The recipe's training loader; either kind serves one micro-batch per `next_batch()`."""
-    t = recipe.train
-    if t.loader == "coprime":
-        return MicroStepLoaders(recipe, shard_paths, dist_info, accum)
-    from pipeline.data.loader import SequentialLoader
-
-    return SequentialLoader(shard_paths, t.seq_len, rank=dist_info.rank, world_size=dist_info.world_size,
-                            local_tokens=local_tokens)
-
-
 def training_config(recipe: Recipe) -> dict:
     """What determines the training trajectory (eval, TTT and export settings do not)."""
     return {k: to_dict(getattr(recipe, k)) for k in ("model", "train", "optim", "ema")} | {"seed": recipe.seed}
@@ -153,12 +96,6 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def atomic_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
 
 
 @dataclass

@@ -15,7 +15,8 @@ from pipeline.config import Recipe
 from pipeline.distributed import DistInfo, barrier
 from pipeline.fileio import file_sha256
 from pipeline.stages.base import Context, Stage
-from pipeline.stages.train import Trainer, TrainResult, atomic_save, training_config
+from pipeline.fileio import atomic_torch_save
+from pipeline.stages.train import Trainer, TrainResult, training_config
 
 
 def train(recipe: Recipe, shard_paths, out_dir: Optional[Path], dist_info: DistInfo, log=print, progress=None,
@@ -56,15 +57,15 @@ def _run_train_stage(ctx: Context) -> dict:
             progress.close()
     # A quantization scheme that calibrates on training data does it now, on the exported weights,
     # and its seconds count as training time (pipeline.export.calibration); free when none does.
-    from pipeline.export.calibration import calibrate, save_calibration
+    from pipeline.export.calibration import calibrate
 
     calibration, calibration_s = calibrate(r, exported, ctx.data.train_shards, ctx.dist, ctx.log)
     weights = ctx.path("train", WEIGHTS)
     if ctx.dist.is_main:
         weights.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save({k: v.detach().cpu() for k, v in exported.state_dict().items()}, weights)
+        atomic_torch_save({k: v.detach().cpu() for k, v in exported.state_dict().items()}, weights)
         if calibration is not None:
-            save_calibration(calibration, ctx.path("train", CALIBRATION))
+            atomic_torch_save(calibration, ctx.path("train", CALIBRATION))
     barrier(ctx.dist)
     ctx.log(f"train_done steps={result.steps} train_time={result.train_time_s:.1f}s tokens_seen={result.tokens_seen} "
             f"stopped_by={result.stopped_by} exported={'ema' if r.ema.enabled else 'raw'} weights")
