@@ -1,4 +1,4 @@
-"""The `pgolf` command line. Every command takes `--seed N` and repeated `--set dotted.key=value`.
+"""The `pgolf` command line. Commands that take a recipe take repeated `--set dotted.key=value`.
 
     pgolf run RECIPE [--data DIR]        train -> EMA -> quantize -> package -> roundtrip -> TTT -> bpb
     pgolf check RECIPE                   params and predicted artifact bytes, no training

@@ -32,8 +32,13 @@ _BLOCK = 1 << 24  # bytes per read; even, so a block never splits a uint16 token
 
 
 def cache_root() -> Path:
-    """Where pgolf keeps what it can rebuild: $PGOLF_CACHE, else `.cache/` in the checkout."""
-    return Path(os.environ.get("PGOLF_CACHE", REPO_ROOT / ".cache"))
+    """Where pgolf keeps what it can rebuild: $PGOLF_CACHE (unset or empty: `.cache/` in the
+    checkout); created on first write. Raises UserError when it names something that is not a folder."""
+    root = Path(os.environ.get("PGOLF_CACHE") or REPO_ROOT / ".cache")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"PGOLF_CACHE={root} is an existing file, not a folder; point it at a folder (it is "
+                        f"created if missing) or unset it to use {REPO_ROOT / '.cache'}.")
+    return root
 
 
 class FileHashCache:

@@ -1,6 +1,8 @@
 """Recipe files: YAML read with the YAML 1.2 core schema, recipe names resolved to
 `recipes/<name>.yaml`, and `extends:` composition (mappings merge key by key, the child wins, lists
-and scalars are replaced whole). Every failure is a UserError naming the file and the fix.
+and scalars are replaced whole; the parent is a file next to the child or a built-in recipe, and a
+child without its own `name:` is named after its file). Every failure is a UserError naming the
+file and the fix.
 """
 
 from __future__ import annotations
@@ -140,8 +142,25 @@ def compose(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(parent, str) or not parent or "\x00" in parent:
         raise UserError(f"{path}: 'extends' must be a file name, got {show(parent)}.")
-    parent_path = (path.parent / parent)
-    if not _is_file(parent_path):
-        raise UserError(f"{path}: extends {parent!r}, which does not exist next to it.")
-    return merge(compose(parent_path, (*seen, path)), data)
+    parent_path = _parent_path(path, parent)
+    merged = merge(compose(parent_path, (*seen, path)), data)
+    # A recipe is named by its own file unless it says otherwise: inheriting the parent's name would
+    # file its runs and records folders under the parent's.
+    if "name" not in data:
+        merged["name"] = path.stem
+    return merged
+
+
+def _parent_path(path: Path, parent: str) -> Path:
+    """What `extends: parent` in `path` names: a file next to it, else a built-in recipe (`tiny` or
+    `tiny.yaml`). Raises UserError naming both places when neither exists."""
+    beside = path.parent / parent
+    if _is_file(beside):
+        return beside
+    builtin = RECIPES_DIR / (parent if parent.endswith((".yaml", ".yml")) else f"{parent}.yaml")
+    if re.fullmatch(r"[A-Za-z0-9_.+-]+", parent) and _is_file(builtin):
+        return builtin
+    known = ", ".join(sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")))
+    raise UserError(f"{path}: extends {parent!r}, which is neither a file next to it nor a built-in recipe "
+                    f"({known}); give a path relative to {path.parent} or a built-in recipe's name.")
 

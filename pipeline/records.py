@@ -326,6 +326,18 @@ def _free_name(parent: Path, name: str) -> Path:
     return candidate
 
 
+def _check_baseline(against: Path, n_seeds: int) -> None:
+    """Refuse, before any seed runs, a `--against` baseline the comparison at the end could not use:
+    unreadable, not per-seed values, or one side with fewer than 2 seeds (compare_samples)."""
+    from pipeline.compare import load_sample
+
+    baseline = load_sample(against)
+    for side, n in (("these seeds", n_seeds), (f"the baseline {baseline.source}", len(baseline.val_loss))):
+        if n < 2:
+            raise UserError(f"submit --against: {side} give {n} per-seed value; Welch's t-test needs at least 2 "
+                            f"per side (records use 3 seeds): give more seeds.")
+
+
 def submit(recipe_name: str, seeds: list[int], overrides, data_dir: Optional[Path], out_root: Path,
            records_root: Path, device: str = "auto", nproc: int = 1, echo: Callable[[str], None] = print,
            embedded=None, against: Optional[Path] = None) -> Path:
@@ -336,8 +348,13 @@ def submit(recipe_name: str, seeds: list[int], overrides, data_dir: Optional[Pat
 
     if not seeds:
         raise UserError("submit: give at least one seed, e.g. --seeds 1337,42,2025.")
-    recipes = [load_recipe(recipe_name, overrides, s) for s in seeds]
-    recipe = recipes[0]
+    for seed in seeds:
+        load_recipe(recipe_name, overrides, seed)  # each seed within the recipe's bounds for `seed`
+    # The script carries the recipe as written (its own seed): every run gets its seed from SEED, so
+    # which seeds a submit names must not change the script, or seeds already done would rerun.
+    recipe = load_recipe(recipe_name, overrides)
+    if against is not None:
+        _check_baseline(against, len(seeds))
     problems = legality_problems(recipe)
     if problems:
         raise UserError(f"submit refuses recipe {recipe.name}: " + "; ".join(problems) + ".")

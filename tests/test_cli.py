@@ -173,6 +173,16 @@ def test_missing_data_dir(tmp_path):
     assert_user_error(proc, "nope", "does not exist")
 
 
+@pytest.mark.parametrize("command", [("check", "tiny"), ("run", "tiny")])
+def test_a_cache_variable_naming_a_file_is_refused_by_name(tmp_path, monkeypatch, command):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("PGOLF_CACHE", str(tmp_path / "afile"))
+    proc = cli_inprocess(*command, *sets("train.max_steps=1"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"PGOLF_CACHE={tmp_path / 'afile'} is an existing file, not a folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_empty_data_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_user_error(cli_inprocess("run", "tiny", "--data", str(tmp_path / "empty"), cwd=tmp_path),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.data import identity
+from pipeline.data import audit, identity
 from pipeline.data.audit import audit_data
 from pipeline.data.shards import sidecar_name, write_shard
 from pipeline.errors import UserError
@@ -77,6 +77,7 @@ def test_published_validation_count(tmp_path, monkeypatch):
     tok = d / "tokenizer.model"
     tok.write_bytes(b"stand-in for a challenge tokenizer")
     sha = file_sha256(tok)
+    monkeypatch.setattr(audit, "tokenizer_vocab_size", lambda data_dir, tok: 1024)  # the stand-in has no pieces
     monkeypatch.setitem(identity.CHALLENGE_TOKENIZERS, sha, ("sp1024", (14,)))  # 15 val tokens = 14 targets
     clean = [B, 50, 51, B, 60]
     r = audit_data(_write(tmp_path / "d", prefix="fineweb", train=clean, train_cut=3))
@@ -127,3 +128,26 @@ def test_broken_shard_is_a_user_error(tmp_path):
     (d / "data_train_000001.bin").write_bytes(b"\0" * 10)
     with pytest.raises(UserError, match="data_train_000001.bin"):
         audit_data(d)
+
+
+def test_a_token_id_beyond_the_tokenizer_is_found_in_either_split(small_data, tmp_path):
+    """A shard id the tokenizer does not have (here 60000 >= 320) fails the audit, naming the shard."""
+    import shutil
+
+    import numpy as np
+
+    r = audit_data(small_data)
+    assert r.passed and r.vocab_size == 320 and 0 < r.max_token_id["train"][0] < 320
+    assert f"vocab_size=320 val_max_token_id={r.max_token_id['val'][0]} " \
+           f"train_max_token_id={r.max_token_id['train'][0]}" in r.lines()
+    for split in ("train", "val"):
+        d = tmp_path / split
+        shutil.copytree(small_data, d)
+        shard = sorted(d.glob(f"*_{split}_*.bin"))[-1]
+        with open(shard, "r+b") as f:
+            f.seek(1024)
+            f.write(np.array([60000], dtype=np.uint16).tobytes())
+        r = audit_data(d)
+        assert r.max_token_id[split] == (60000, shard) and not r.passed
+        assert [p for p in r.problems if f"{shard.name} ({split}) holds token id 60000" in p
+                and "has 320 ids" in p]

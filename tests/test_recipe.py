@@ -62,8 +62,24 @@ def test_extends_composes_and_child_wins(tmp_path):
                                         "train: {max_steps: 5}\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {num_layers: 5}\n")
     r = load_recipe(tmp_path / "child.yaml")
-    assert r.name == "base"  # inherited; a child without a name keeps its parent's
+    assert r.name == "child"  # its own file's: the parent's would file its runs and records under the parent's
     assert (r.model.num_layers, r.model.model_dim, r.train.max_steps) == (5, 64, 5)
+    (tmp_path / "named.yaml").write_text("extends: child.yaml\nname: mine\n")
+    assert load_recipe(tmp_path / "named.yaml").name == "mine"
+
+
+@pytest.mark.parametrize("parent", ["tiny", "tiny.yaml"])
+def test_extends_reaches_a_built_in_recipe_by_name(tmp_path, parent):
+    (tmp_path / "mine.yaml").write_text(f"extends: {parent}\ntrain: {{max_steps: 7}}\n")
+    r = load_recipe(tmp_path / "mine.yaml")
+    assert (r.name, r.train.max_steps, r.model.model_dim) == ("mine", 7, load_recipe("tiny").model.model_dim)
+
+
+def test_extends_a_missing_parent_names_both_places(tmp_path):
+    (tmp_path / "mine.yaml").write_text("extends: tinny\n")
+    with pytest.raises(UserError, match=r"extends 'tinny', which is neither a file next to it nor a built-in "
+                                        r"recipe \(.*tiny.*\); give a path relative to"):
+        load_recipe(tmp_path / "mine.yaml")
 
 
 def test_extends_cycle_is_reported(tmp_path):

@@ -132,6 +132,28 @@ def test_done_seeds_are_not_redone_and_a_damaged_one_is(submitted, small_data):
     comparison = json.loads((second / "submission.json").read_text())["comparison"]
     assert comparison["baseline"] == str(baseline)
     assert "verdict=record" in comparison["lines"] and "## Against the baseline" in (second / "README.md").read_text()
+    # Other seeds, in another order, first: the script is the same (each run's seed comes from SEED),
+    # so the seeds already done stay done (it used to carry the first seed and set every log aside).
+    proc = cli_inprocess("submit", "tiny", "--seeds", "3,1", "--data", str(small_data), "--device", "cpu",
+                         *sets(*SUBMIT_SETS), cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "changed since" not in proc.stdout and "pgolf train_gpt.py" not in proc.stdout
+    assert "seed 3: already done" in proc.stdout and "seed 1: already done" in proc.stdout
+
+
+@pytest.mark.parametrize("seeds, baseline, reason", [
+    ("1,2", "missing.txt", "no such file or folder"),
+    ("1,2", "one_seed.txt", "the baseline"),
+    ("1", "two_seeds.txt", "these seeds give 1 per-seed value"),
+])
+def test_submit_refuses_an_unusable_baseline_before_any_run(small_data, tmp_path, seeds, baseline, reason):
+    (tmp_path / "one_seed.txt").write_text("1.9\n")
+    (tmp_path / "two_seeds.txt").write_text("1.9\n1.91\n")
+    proc = cli_inprocess("submit", "tiny", "--seeds", seeds, "--data", str(small_data), "--device", "cpu",
+                         "--against", str(tmp_path / baseline), *sets(*SUBMIT_SETS), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert reason in proc.stderr, proc.stderr
+    assert not list(tmp_path.rglob("train_seed*.log")) and not (tmp_path / "artifacts").exists()
 
 
 # ------------------------------------------------------------------------------------ gates

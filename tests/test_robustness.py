@@ -46,6 +46,29 @@ def test_a_damaged_cached_blob_is_rebuilt_not_served(small_data, tmp_path, damag
     assert again.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("loader", ["sequential", "coprime"])
+def test_a_training_token_beyond_the_vocabulary_is_named_not_a_traceback(small_data, tmp_path, loader):
+    """An id the model has no embedding row for (an IndexError on the CPU, a device-side assert on CUDA)
+    is found by the loader as it reads it: a user error naming the shard and the tokens."""
+    import shutil
+
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    shard = sorted(data.glob("*_train_*.bin"))[0]
+    tokens = np.fromfile(shard, dtype=np.uint16, offset=1024)  # after the 1024-byte header
+    tokens[tokens != 1] = 60000  # every token but the BOS (1): the documents meta.json counts stay
+    with open(shard, "r+b") as f:
+        f.seek(1024)
+        f.write(tokens.tobytes())
+    proc = cli_inprocess("run", "tiny", "--data", str(data), *sets("train.max_steps=2", f"train.loader={loader}"),
+                         cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{shard} (tokens " in proc.stderr and "holds token id 60000 >= model.vocab_size 320" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # ------------------------------------------------------------------------------------ numeric health
 
 

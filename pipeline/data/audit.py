@@ -21,6 +21,9 @@
    with the same count, and 0 bytes at every BOS.
 4. meta.json, when there is one: its recorded tokens, shards, documents and tokenizer hash
    against the directory (`identity.check_meta`).
+5. Token ids: the largest id of each split (`val_max_token_id`, `train_max_token_id`) must be below
+   the tokenizer's vocabulary size (`vocab_size`). Training checks the ids it reads too
+   (pipeline.data.shards.check_token_ids), but only when it reaches them.
 
 `pgolf submit` runs `audit_data` before any seed. Exit status of the command: 0 clean, 1 on
 any problem, 2 for unusable input (a missing directory, a broken shard).
@@ -78,6 +81,8 @@ class AuditReport:
     train_tokens: int = 0
     overlap_docs: int = 0
     examples: list[Overlap] = field(default_factory=list)
+    vocab_size: Optional[int] = None  # the tokenizer's, when there is one
+    max_token_id: dict = field(default_factory=dict)  # split -> (largest id, the first shard holding it)
     published: str = "unknown"
     sidecar: str = "absent"
     problems: list[str] = field(default_factory=list)
@@ -100,6 +105,8 @@ class AuditReport:
         for ex in self.examples:
             out.append(f"overlap val_doc={ex.val_doc} val_at={ex.val_place} train_at={ex.train_place} "
                        f"tokens={ex.n_tokens} head={','.join(map(str, ex.head))}")
+        out.append(f"vocab_size={self.vocab_size if self.vocab_size is not None else 'unknown'} " + " ".join(
+            f"{split}_max_token_id={top}" for split, (top, _) in self.max_token_id.items()))
         out.append(f"published_export={self.published}")
         out.append(f"byte_sidecar={self.sidecar}")
         out.extend(f"problem: {p}" for p in self.problems)
@@ -108,11 +115,13 @@ class AuditReport:
 
 
 def _walk(paths: list[Path], visit: Callable[[bytes, int, int, int, int], None], problems: list[str],
-          progress: Optional[Callable[[int, int], None]] = None) -> tuple[int, int]:
+          progress: Optional[Callable[[int, int], None]] = None) -> tuple[int, int, tuple[int, Optional[Path]]]:
     """Call visit(digest, n_tokens, doc_index, shard_index, offset) for each non-empty document
     of the split stored in `paths`, in stream order (doc_index counts empty documents too: it is
-    the document's BOS's rank in the split). Returns (documents, empty documents)."""
+    the document's BOS's rank in the split). Returns (documents, empty documents, (largest token
+    id, the first shard holding it))."""
     docs = empty = 0
+    top: tuple[int, Optional[Path]] = (-1, None)
     hasher = None  # the open document's hash, its start (shard index, offset) and length
     start = (0, 0)
     length = 0
@@ -127,6 +136,8 @@ def _walk(paths: list[Path], visit: Callable[[bytes, int, int, int, int], None],
 
     for si, path in enumerate(paths):
         toks = load_shard(path)
+        if toks.size and int(toks.max()) > top[0]:
+            top = (int(toks.max()), path)
         bos = np.flatnonzero(toks == BOS_ID)
         first = int(bos[0]) if bos.size else toks.size
         if first:
@@ -146,7 +157,7 @@ def _walk(paths: list[Path], visit: Callable[[bytes, int, int, int, int], None],
             progress(si + 1, len(paths))
     if hasher is not None:
         close()
-    return docs, empty
+    return docs, empty, top
 
 
 def _head(paths: list[Path], place: tuple[int, int], n: int) -> tuple[int, ...]:
@@ -183,9 +194,10 @@ def audit_data(data_dir, tokenizer_path=None, *, eval_seq_len: int = 1024, max_e
     def split_progress(split: str):
         return None if progress is None else (lambda done, total: progress(split, done, total))
 
-    report.val_docs, report.val_empty_docs = _walk(val_paths, on_val, report.problems, split_progress("val"))
-    report.train_docs, report.train_empty_docs = _walk(train_paths, on_train, report.problems,
-                                                       split_progress("train"))
+    report.val_docs, report.val_empty_docs, report.max_token_id["val"] = _walk(
+        val_paths, on_val, report.problems, split_progress("val"))
+    report.train_docs, report.train_empty_docs, report.max_token_id["train"] = _walk(
+        train_paths, on_train, report.problems, split_progress("train"))
     hits = sorted((entry, digest) for digest in found for entry in val_docs[digest])
     report.overlap_docs = len(hits)
     for (index, si, offset, n), digest in hits[:max_examples]:
@@ -204,12 +216,40 @@ def audit_data(data_dir, tokenizer_path=None, *, eval_seq_len: int = 1024, max_e
     _check_published(report, data_dir, tokenizer_path, train_paths, eval_seq_len)
     _check_sidecar(report, val_paths)
     tok = Path(tokenizer_path) if tokenizer_path else data_dir / "tokenizer.model"
+    _check_token_ids(report, data_dir, tok)
     if (data_dir / "meta.json").exists():
         try:
             check_meta(data_dir, tok, train_paths, val_paths, train_docs=report.train_docs)
         except UserError as e:
             report.problems.append(str(e))
     return report
+
+
+def tokenizer_vocab_size(data_dir: Path, tok: Path) -> Optional[int]:
+    """The number of token ids `tok` (a SentencePiece .model or a tiktoken directory's ranks) gives
+    the shards of `data_dir`; None without a tokenizer file. Raises UserError for an unreadable one."""
+    from pipeline.data import tiktoken_file
+    from pipeline.data.tokenizer import load_tokenizer
+
+    if not tok.is_file():
+        return None
+    if tiktoken_file.tokenizer_kind(data_dir, tok) == tiktoken_file.KIND:
+        return len(tiktoken_file.token_bytes_by_id(tok))
+    return load_tokenizer(tok).vocab_size()
+
+
+def _check_token_ids(report: AuditReport, data_dir: Path, tok: Path) -> None:
+    """Every token id of both splits must be below the tokenizer's vocabulary size: a larger one is
+    no token of it (a model with that vocab_size has no embedding row for it)."""
+    try:
+        report.vocab_size = tokenizer_vocab_size(data_dir, tok)
+    except UserError as e:
+        report.problems.append(str(e))
+        return
+    for split, (top, path) in report.max_token_id.items():
+        if report.vocab_size is not None and top >= report.vocab_size:
+            report.problems.append(f"{path.name} ({split}) holds token id {top}, but the tokenizer {tok.name} has "
+                                   f"{report.vocab_size} ids: these shards were not made with it; re-export them")
 
 
 def _check_published(report: AuditReport, data_dir: Path, tokenizer_path, train_paths: list[Path],

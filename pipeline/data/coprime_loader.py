@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.config import CoprimeLoaderConfig
-from pipeline.data.shards import load_shard, read_header
+from pipeline.data.shards import check_token_ids, load_shard, read_header
 from pipeline.errors import UserError
 
 _FNV_OFFSET = 0xCBF29CE484222325
@@ -227,7 +227,7 @@ class CoprimeShardLoader:
 
     def __init__(self, shard_paths: Sequence, seq_len: int, global_batch_seqs: int, rank: int = 0,
                  world_size: int = 1, cfg: CoprimeLoaderConfig = CoprimeLoaderConfig(),
-                 device="cpu", background: bool = True):
+                 device="cpu", background: bool = True, vocab_size: Optional[int] = None):
         paths = [os.fspath(p) for p in shard_paths]
         if not paths:
             raise UserError("the coprime loader got no train shards; run `pgolf data prepare` "
@@ -243,6 +243,7 @@ class CoprimeShardLoader:
                 raise UserError(f"{p}: shard has {n} tokens but the coprime loader needs at "
                                 f"least seq_len + 2 = {seq_len + 2}; drop it or lower seq_len.")
         self._tokens = [load_shard(p) for p in paths]
+        self._paths, self.vocab_size = paths, vocab_size  # every window read is checked against vocab_size
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
         self.local_seqs = global_batch_seqs // world_size
         self.device = torch.device(device)
@@ -271,6 +272,10 @@ class CoprimeShardLoader:
         else:
             buf = torch.empty((self.local_seqs, span), dtype=torch.uint16)
         read_windows(self._tokens, windows, span, self.seq_len // 2, out=buf.numpy())
+        if self.vocab_size is not None and int(buf.numpy().max()) >= self.vocab_size:
+            row = int(np.flatnonzero(buf.numpy().max(axis=1) >= self.vocab_size)[0])
+            si, lo = windows[row]
+            check_token_ids(buf.numpy()[row], self.vocab_size, f"{self._paths[si]} (tokens {lo}..{lo + span})")
         # The planner state *after* this batch travels with it, so state_dict can report the
         # consumed position even though the thread runs up to queue_depth batches ahead.
         return self.planner.state_dict(), buf

@@ -23,13 +23,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.data.shards import load_shard, read_header
+from pipeline.data.shards import check_token_ids, load_shard, read_header
 from pipeline.errors import UserError
 
 
 class SequentialLoader:
     def __init__(self, shard_paths: Sequence[Path], seq_len: int, rank: int = 0, world_size: int = 1,
-                 local_tokens: int | None = None):
+                 local_tokens: int | None = None, vocab_size: int | None = None):
         if not shard_paths:
             raise UserError("the training loader got no shard files; run `pgolf data prepare` first.")
         if not 0 <= rank < world_size:
@@ -37,6 +37,7 @@ class SequentialLoader:
         self.paths = sorted(Path(p) for p in shard_paths)
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
         self.local_tokens = local_tokens  # the trainer's fixed micro-batch; next_batch() then needs no size
+        self.vocab_size = vocab_size  # every token served is checked against it (None: not checked)
         # Header reads are cheap and catch a broken shard now rather than hours into a run.
         self.sizes = [read_header(p) for p in self.paths]
         self.total_tokens = sum(self.sizes)
@@ -61,7 +62,9 @@ class SequentialLoader:
                 continue
             k = min(n, avail)
             if keep:
-                pieces.append(self._tokens(self.shard)[self.pos : self.pos + k])
+                piece = self._tokens(self.shard)[self.pos : self.pos + k]
+                check_token_ids(piece, self.vocab_size, f"{self.paths[self.shard]} (tokens {self.pos}..{self.pos + k})")
+                pieces.append(piece)
             self.pos += k
             n -= k
         return pieces

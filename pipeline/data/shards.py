@@ -117,6 +117,18 @@ def load_shard(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=_TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
+def check_token_ids(tokens: np.ndarray, vocab_size: int | None, where) -> None:
+    """Raise UserError when `tokens` (any integer array) holds an id >= `vocab_size`: the model's
+    embedding has no row for it (an IndexError on the CPU, a device-side assert on CUDA). `where`
+    names the data in the message. None checks nothing."""
+    if vocab_size is None or not tokens.size:
+        return
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise UserError(f"{where} holds token id {top} >= model.vocab_size {vocab_size}; prepare the data with "
+                        f"a matching tokenizer (`pgolf data audit` finds such ids in every shard).")
+
+
 def list_shards(data_dir: Path, split: str) -> list[Path]:
     """Sorted shard files of one split (`*_{split}_NNNNNN.bin`) in `data_dir`."""
     data_dir = Path(data_dir)

@@ -62,7 +62,8 @@ def training_batches(recipe: Recipe, shard_paths, rank: int, world_size: int,
 
     t = recipe.train
     local_tokens = t.batch_tokens // t.reference_world_size
-    loader = SequentialLoader(shard_paths, t.seq_len, rank=rank, world_size=world_size, local_tokens=local_tokens)
+    loader = SequentialLoader(shard_paths, t.seq_len, rank=rank, world_size=world_size, local_tokens=local_tokens,
+                              vocab_size=recipe.model.vocab_size)
     while True:
         x, y = loader.next_batch()
         yield x.to(device), y.to(device)

@@ -24,7 +24,7 @@ from eval.byte_tables import ByteTables
 from eval.scorer import EvalResult, evaluate
 from eval.ttt import check_score_before_update, pre_score_full_val_ttt, score_first_ttt
 from pipeline.config import Recipe
-from pipeline.data.shards import list_shards, load_byte_sidecar, load_shard
+from pipeline.data.shards import check_token_ids, list_shards, load_byte_sidecar, load_shard
 from pipeline.data.tokenizer import check_vocab, load_tokenizer
 from pipeline.errors import UserError
 
@@ -78,9 +78,7 @@ def load_data(data_dir: Path, recipe: Recipe, tokenizer_path: Optional[Path] = N
     if recipe.data.max_val_tokens:
         val = val[: recipe.data.max_val_tokens + 1]
         sidecar = None if sidecar is None else sidecar[: recipe.data.max_val_tokens + 1]
-    if int(val.max()) >= recipe.model.vocab_size:
-        raise UserError(f"validation shards in {data_dir} hold token id {int(val.max())} >= model.vocab_size "
-                        f"{recipe.model.vocab_size}; prepare the data with a matching tokenizer.")
+    check_token_ids(val, recipe.model.vocab_size, f"the validation split of {data_dir}")
     tables = (ByteTables.from_sentencepiece(sp, recipe.model.vocab_size) if sp is not None
               else ByteTables.from_token_bytes(pieces, recipe.model.vocab_size))
     if sidecar is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 
+from eval.windows import truncate_for_eval
 from pipeline.config import to_dict
 from pipeline.errors import UserError
 from pipeline.export.artifact import roundtrip_into
@@ -42,7 +43,11 @@ def _run_score(ctx: Context) -> dict:
         return build_model(r.model).to(dist.device)
 
     source = data.byte_source
-    log(f"score byte_source={source} val_tokens={data.val_tokens.size} val_bytes={data.val_stream_bytes}"
+    # The whole stream, then what the scores cover: the challenge cuts it to whole eval.seq_len
+    # sequences (eval.windows.truncate_for_eval), so up to seq_len - 1 final targets go unscored.
+    scored = truncate_for_eval(data.val_tokens.size, r.eval.seq_len) - 1
+    log(f"score byte_source={source} stream_tokens={data.val_tokens.size} stream_bytes={data.val_stream_bytes} "
+        f"scored_targets={scored} (whole eval.seq_len sequences, as the challenge scores)"
         + (" (per-token raw bytes from the byte sidecar)" if source == "sidecar" else ""))
     t0 = time.perf_counter()
     weights = fresh()

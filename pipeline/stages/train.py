@@ -4,14 +4,15 @@ pipeline.stages.train_stage, runs it).
     trainer = Trainer(recipe, shard_paths, ckpt_dir, dist_info, log=print)
     result = trainer.run(); model = trainer.ema_model()
 
-One optimizer step = `reference_world_size // world_size` micro-steps, so a single process
-follows the reference 8-GPU trajectory (its batches: pipeline.stages.train_loaders). With a checkpoint folder (pgolf run) the loop saves
-`ckpt.pt` every `checkpoint_every` steps and on Ctrl-C/SIGTERM, and a later call resumes from it
-on the same trajectory (pipeline.stages.checkpoint, imported by name so the shipped script, which
-has no folder, does not carry it). A signal only sets a flag: the loop stops at the next step
-boundary, so the saved state is never taken mid-step and the resumed run is bitwise the
-uninterrupted one. A non-finite loss, gradient norm or parameter stops training at that step,
-naming it; a checkpoint is written only from a finite state, so "the last good checkpoint" is good.
+One optimizer step = `reference_world_size // world_size` micro-steps, so a single process follows
+the reference 8-GPU trajectory (its batches: pipeline.stages.train_loaders). With a checkpoint
+folder (pgolf run) the loop saves `ckpt.pt` every `checkpoint_every` steps and on Ctrl-C/SIGTERM,
+and a later call resumes from it on the same trajectory (pipeline.stages.checkpoint, imported by
+name so the shipped script, which has no folder, does not carry it). A signal only sets a flag: the
+loop stops at the next step boundary, so the saved state is never taken mid-step and the resumed run
+is bitwise the uninterrupted one. A non-finite loss, gradient norm or parameter stops training at
+that step, naming it; a checkpoint is written only from a finite state, so "the last good
+checkpoint" is good.
 
 Fast paths (pipeline.stages.fast_paths, resolved per device from train.compile / autocast /
 attention_kernel / host_sync_every / cpu_workers / coprime.copy_stream and optim.muon_compile; "auto" is the CUDA fast

@@ -43,7 +43,8 @@ class MicroStepLoaders:
         t, world = recipe.train, dist_info.world_size
         step_seqs = t.batch_tokens // t.seq_len
         self.loaders = [CoprimeShardLoader(shard_paths, t.seq_len, step_seqs, rank=m * world + dist_info.rank,
-                                           world_size=accum * world, cfg=t.coprime, device=dist_info.device)
+                                           world_size=accum * world, cfg=t.coprime, device=dist_info.device,
+                                           vocab_size=recipe.model.vocab_size)
                         for m in range(accum)]
         self.micro = 0
 
@@ -73,4 +74,4 @@ def make_loader(recipe: Recipe, shard_paths, dist_info: DistInfo, accum: int, lo
     from pipeline.data.loader import SequentialLoader
 
     return SequentialLoader(shard_paths, t.seq_len, rank=dist_info.rank, world_size=dist_info.world_size,
-                            local_tokens=local_tokens)
+                            local_tokens=local_tokens, vocab_size=recipe.model.vocab_size)
