@@ -334,8 +334,8 @@ def _check_baseline(against: Path, n_seeds: int) -> None:
     baseline = load_sample(against)
     for side, n in (("these seeds", n_seeds), (f"the baseline {baseline.source}", len(baseline.val_loss))):
         if n < 2:
-            raise UserError(f"submit --against: {side} give {n} per-seed value; Welch's t-test needs at least 2 "
-                            f"per side (records use 3 seeds): give more seeds.")
+            raise UserError(f"submit --against: {side}: {n} per-seed value; Welch's t-test needs at least 2 per "
+                            f"side (records use 3 seeds): give more seeds.")
 
 
 def submit(recipe_name: str, seeds: list[int], overrides, data_dir: Optional[Path], out_root: Path,

@@ -78,8 +78,9 @@ def test_a_new_part_with_a_gain_gets_the_control_treatment_without_a_pattern(amp
     groups = {route: [n for n, _ in named] for route, named in model.param_groups().items()}
     assert set(gains) <= set(groups["scalar"]) and not set(gains) & set(groups["matrix"])
     assert "blocks.0.mlp.fc.weight" in groups["matrix"]
-    # the default plan: fp32 (the recipe's rules are the defaults), not int6 by the `.mlp.` rule
-    assert r.quant == QuantConfig()
+    # fp32 by the default plan's first rule (tiny's plan keeps it: control and gate roles), not int6
+    # by the `.mlp.` rule
+    assert r.quant.rules[0] == QuantConfig().rules[0] and r.quant.rules[0].roles == ("control", "gate")
     plan = {e["name"]: e for e in resolve_plan(named_shapes_of(model), r.quant.rules, roles)}
     assert {plan[n]["scheme"] for n in gains} == {"fp32"} and plan["blocks.0.mlp.fc.weight"]["scheme"] != "fp32"
     # the report groups and the size predictor's constant-ish stand-in
