@@ -82,6 +82,16 @@ def _is_file(p: Path) -> bool:
         return False
 
 
+def _builtin_recipe(name: str) -> Path | None:
+    """recipes/<name>.yaml when `name` is a plain recipe name and that file exists, else None."""
+    path = RECIPES_DIR / f"{name}.yaml"
+    return path if re.fullmatch(r"[A-Za-z0-9_.+-]+", name) and _is_file(path) else None
+
+
+def _builtin_names() -> list[str]:
+    return sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
+
+
 def resolve_recipe_path(recipe: str | Path) -> Path:
     text = str(recipe)
     if not text or "\x00" in text:
@@ -91,10 +101,10 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
         if not _is_file(p):
             raise UserError(f"recipe file {show(str(p))} does not exist.")
         return p
-    candidate = RECIPES_DIR / f"{recipe}.yaml"
-    if re.fullmatch(r"[A-Za-z0-9_.+-]+", text) and _is_file(candidate):
+    candidate = _builtin_recipe(text)
+    if candidate is not None:
         return candidate
-    known = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
+    known = _builtin_names()
     close = difflib.get_close_matches(text, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UserError(f"unknown recipe {show(text)}.{hint} Known recipes: {', '.join(known)} "
@@ -157,10 +167,10 @@ def _parent_path(path: Path, parent: str) -> Path:
     beside = path.parent / parent
     if _is_file(beside):
         return beside
-    builtin = RECIPES_DIR / (parent if parent.endswith((".yaml", ".yml")) else f"{parent}.yaml")
-    if re.fullmatch(r"[A-Za-z0-9_.+-]+", parent) and _is_file(builtin):
+    builtin = _builtin_recipe(parent.removesuffix(".yaml"))
+    if builtin is not None:
         return builtin
-    known = ", ".join(sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")))
     raise UserError(f"{path}: extends {parent!r}, which is neither a file next to it nor a built-in recipe "
-                    f"({known}); give a path relative to {path.parent} or a built-in recipe's name.")
+                    f"({', '.join(_builtin_names())}); give a path relative to {path.parent} or a built-in "
+                    f"recipe's name.")
 
