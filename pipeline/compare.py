@@ -41,7 +41,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import UserError
-from pipeline.stats import ALPHA, MARGIN_NATS, WelchResult, describe, fixed8, welch_improvement
+from pipeline.stats import ALPHA, MARGIN_NATS, WelchResult, describe, fixed8, require_seeds, welch_improvement
 
 # Top-level submission.json fields that name the tokenizer. "tokenizer" and "vocab_size" occur in
 # published records (openai/parameter-golf records/track_10min_16mb/2026-04-06_SP8192_QK5_LegalTTT_1.0828
@@ -305,9 +305,7 @@ def compare_samples(new: Sample, baseline: Sample, *, margin: float = MARGIN_NAT
     or margin/alpha are out of range (pipeline.stats.welch_improvement).
     """
     for side, s in (("NEW", new), ("BASELINE", baseline)):
-        if len(s.val_loss) < 2:
-            raise UserError(f"{side} {s.source} has {len(s.val_loss)} per-seed value; Welch's t-test needs at least "
-                            f"2 per side to estimate a variance (records use 3 seeds): run more seeds.")
+        require_seeds(f"{side} {s.source}", len(s.val_loss))
     check = tokenizer_check(new, baseline)
     welch = welch_improvement(new.val_loss, baseline.val_loss, margin=margin, alpha=alpha,
                               new_label=f"NEW {new.source}", baseline_label=f"BASELINE {baseline.source}")

@@ -330,12 +330,11 @@ def _check_baseline(against: Path, n_seeds: int) -> None:
     """Refuse, before any seed runs, a `--against` baseline the comparison at the end could not use:
     unreadable, not per-seed values, or one side with fewer than 2 seeds (compare_samples)."""
     from pipeline.compare import load_sample
+    from pipeline.stats import require_seeds
 
     baseline = load_sample(against)
-    for side, n in (("these seeds", n_seeds), (f"the baseline {baseline.source}", len(baseline.val_loss))):
-        if n < 2:
-            raise UserError(f"submit --against: {side}: {n} per-seed value; Welch's t-test needs at least 2 per "
-                            f"side (records use 3 seeds): give more seeds.")
+    require_seeds("submit --against: this submit", n_seeds)
+    require_seeds(f"submit --against: the baseline {baseline.source}", len(baseline.val_loss))
 
 
 def submit(recipe_name: str, seeds: list[int], overrides, data_dir: Optional[Path], out_root: Path,

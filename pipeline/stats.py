@@ -88,6 +88,15 @@ def fixed8(x: Optional[float]) -> str:
     return "none" if x is None else f"{x:.8f}"
 
 
+def require_seeds(label: str, n: int) -> None:
+    """Raise UserError (naming `label`) when one side of a Welch test has fewer than 2 per-seed values:
+    the test needs each side's variance. Callers that can check before any work (submit --against,
+    compare before its tokenizer check) use this same rule."""
+    if n < 2:
+        raise UserError(f"{label} has {n} per-seed value; Welch's t-test needs at least 2 per side to "
+                        f"estimate a variance (records use 3 seeds): run more seeds.")
+
+
 @dataclass(frozen=True)
 class WelchResult:
     """One-sided Welch test of Δ = mean(baseline) − mean(new) > margin, all in nats/token.
@@ -177,9 +186,7 @@ def welch_improvement(new: Sequence[float], baseline: Sequence[float], *, margin
     xs_new = _checked(new, new_label)
     xs_base = _checked(baseline, baseline_label)
     for label, xs in ((new_label, xs_new), (baseline_label, xs_base)):
-        if len(xs) < 2:
-            raise UserError(f"{label} has {len(xs)} per-seed value; Welch's t-test needs at least 2 per side to "
-                            f"estimate a variance (records use 3 seeds): run more seeds.")
+        require_seeds(label, len(xs))
     n_new, n_base = len(xs_new), len(xs_base)
     mean_new, var_new = _mean_var(xs_new)
     mean_base, var_base = _mean_var(xs_base)

@@ -144,7 +144,7 @@ def test_done_seeds_are_not_redone_and_a_damaged_one_is(submitted, small_data):
 @pytest.mark.parametrize("seeds, baseline, reason", [
     ("1,2", "missing.txt", "no such file or folder"),
     ("1,2", "one_seed.txt", "the baseline"),
-    ("1", "two_seeds.txt", "these seeds: 1 per-seed value"),
+    ("1", "two_seeds.txt", "submit --against: this submit has 1 per-seed value"),
 ])
 def test_submit_refuses_an_unusable_baseline_before_any_run(small_data, tmp_path, seeds, baseline, reason):
     (tmp_path / "one_seed.txt").write_text("1.9\n")
